@@ -1,0 +1,41 @@
+"""attnopt: find every attention in a PyTorch model, rewrite it, verify it, export it.
+
+    import attnopt
+    sites = attnopt.find_attention(model, example_inputs)
+    fast = attnopt.optimize(model, example_inputs)      # exact: every attention fused
+    print(fast.report)
+"""
+
+from attnopt.api import OptimizedModel, find_attention, optimize
+from attnopt.config import Config
+from attnopt.errors import (
+    AttnoptError,
+    CaptureError,
+    ConfigError,
+    ExportError,
+    ValidationError,
+    VariantNotApplicableError,
+)
+from attnopt.report import Report, SiteResult
+from attnopt.sites import AttentionSite
+from attnopt.variants import Fused, Variant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "AttnoptError",
+    "CaptureError",
+    "Config",
+    "ConfigError",
+    "ExportError",
+    "Fused",
+    "OptimizedModel",
+    "Report",
+    "SiteResult",
+    "ValidationError",
+    "Variant",
+    "VariantNotApplicableError",
+    "find_attention",
+    "optimize",
+]

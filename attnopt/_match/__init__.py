@@ -1,0 +1,1 @@
+"""The attention matcher (internal): graph helpers, layouts, masks, evaluation, matching."""

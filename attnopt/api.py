@@ -1,0 +1,228 @@
+"""The public pipeline, in order: capture → find → plan → check → rewrite → verify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from attnopt._inputs import Inputs, normalize
+from attnopt._match.evaluate import Evaluator
+from attnopt._match.matcher import Matcher
+from attnopt.capture import Captured, capture, eval_mode, reexport
+from attnopt.config import Config
+from attnopt.errors import ConfigError
+from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module
+from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
+from attnopt.sites import AttentionSite, Rejected
+from attnopt.variants import Variant, implementation
+from attnopt.verify import compare, default_tolerance, record
+
+log = logging.getLogger("attnopt")
+
+
+class OptimizedModel(torch.nn.Module):
+    """A model whose attention sites were rewritten; call it like the original.
+
+    Attributes:
+        report: one row per site (see :class:`attnopt.report.Report`).
+        config: the config it was optimized with.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, captured: Captured, report: Report,
+                 config: Config) -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.report = report
+        self.config = config
+        self._captured = captured
+        self._program: ExportedProgram | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the rewritten graph (keyword arguments attnopt injected at capture are re-added)."""
+        kwargs = {**self._captured.injected, **kwargs}
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        """The attention sites found in the original model."""
+        return self.report.sites
+
+    @property
+    def example_inputs(self) -> Inputs:
+        """The example inputs the model was captured with (injected kwargs included)."""
+        return self._captured.inputs
+
+    @property
+    def dynamic_shapes(self) -> Any:
+        """The dynamic-shape spec the model was captured with."""
+        return self._captured.dynamic_shapes
+
+    def exported_program(self) -> ExportedProgram:
+        """The rewritten graph as an ExportedProgram (made once, from the graph, not the model)."""
+        if self._program is None:
+            self._program = reexport(self._captured, self.graph_module)
+        return self._program
+
+
+def find_attention(model: torch.nn.Module, example_inputs: Any, *,
+                   dynamic: bool = True) -> list[AttentionSite]:
+    """Find every attention in ``model`` (read-only).
+
+    Args:
+        model: any ``torch.nn.Module``.
+        example_inputs: a tuple of positional args, a dict of keyword args, or a tensor.
+        dynamic: keep batch / sequence dimensions dynamic when capturing.
+
+    Returns:
+        The sites in graph order; sites that cannot be rewritten have ``fusable=False`` and a
+        ``reason``.
+    """
+    inputs = normalize(example_inputs)
+    captured = capture(model, inputs, dynamic=dynamic)
+    sites, _ = _find(captured)
+    return sites
+
+
+def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
+             ) -> OptimizedModel:
+    """Rewrite every attention of ``model`` as ``config`` says (exact fusion by default).
+
+    Every rewrite is checked: each site in isolation on values captured from the original
+    graph, then the whole model on the example inputs and on inputs of another batch size and
+    sequence length. An exact rewrite that exceeds the tolerance is reverted and reported.
+
+    Args:
+        model: any ``torch.nn.Module`` (put in eval mode for the capture).
+        example_inputs: a tuple of positional args, a dict of keyword args, or a tensor.
+        config: what to apply; ``Config()`` (exact fusion everywhere) when None.
+
+    Returns:
+        An :class:`OptimizedModel` with a ``report``.
+
+    Raises:
+        ConfigError: bad arguments.
+        CaptureError: the model cannot be captured by torch.export.
+    """
+    config = Config() if config is None else config
+    if not isinstance(config, Config):
+        raise ConfigError(f"config must be an attnopt.Config, got {type(config).__name__}")
+    inputs = normalize(example_inputs)
+    timings: dict[str, float] = {}
+    with _timed(timings, "capture"):
+        captured = capture(model, inputs, dynamic=config.dynamic)
+    with _timed(timings, "find"):
+        sites, rejected = _find(captured)
+    tol = config.tolerance or default_tolerance(_model_dtype(model))
+    report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
+                    notes=list(captured.notes), timings=timings)
+    with _timed(timings, "plan+check"):
+        plan = _plan_and_check(captured, sites, config, tol, report)
+    with _timed(timings, "rewrite"):
+        rewrite_sites(captured.gm, plan)
+    if config.verify and plan:
+        with _timed(timings, "verify"):
+            _verify_end_to_end(model, captured, report, tol)
+    log.info("optimized %s: %d sites, %d fused, %d rewritten, %d left exact, %d reverted",
+             report.model, len(report.rows), report.count(FUSED), report.count(REWRITTEN),
+             report.count(LEFT_EXACT), report.count(REVERTED))
+    return OptimizedModel(captured.gm, captured, report, config)
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+
+def _find(captured: Captured) -> tuple[list[AttentionSite], list[Rejected]]:
+    captured.gm.graph.eliminate_dead_code()
+    evaluator = Evaluator(captured.gm, [captured.flat(i) for i in captured.input_sets()])
+    return Matcher(captured.gm, evaluator).find()
+
+
+def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Config, tol: float,
+                    report: Report) -> list[tuple[AttentionSite, Variant]]:
+    """Choose a variant per site, check each candidate in isolation, keep the ones that pass."""
+    candidates: list[tuple[AttentionSite, Variant]] = []
+    for site in sites:
+        variant = config.variant_for(site.location)
+        if variant is None:
+            report.rows.append(SiteResult(site, LEFT_EXACT, note="left as is by an override"))
+            continue
+        reason = implementation(variant).can_apply(variant, site)
+        if reason is not None:
+            report.rows.append(SiteResult(site, LEFT_EXACT, note=reason))
+            continue
+        candidates.append((site, variant))
+    if not candidates:
+        return []
+    checks = {site.index: site_check_module(captured.gm, site, v) for site, v in candidates}
+    wanted = {n for _, ins in checks.values() for n in ins}
+    wanted |= {site.graph.output for site, _ in candidates}
+    values = record(captured.gm, captured.flat(captured.inputs), wanted) if config.verify else {}
+    plan = []
+    for site, variant in candidates:
+        exact = variant.exact
+        impl = implementation(variant)
+        row = SiteResult(site, FUSED if exact else REWRITTEN, variant=variant.describe(),
+                         density=impl.density(variant, site))
+        if config.verify:
+            module, ins = checks[site.index]
+            with torch.no_grad():
+                out = module(*[values[n] for n in ins])
+            row.error = compare(values[site.graph.output], out)
+            if exact and row.error.rel > tol:
+                row.outcome = REVERTED
+                row.note = (f"exact rewrite error {row.error.rel:.2e} exceeds tolerance {tol:.0e};"
+                            " site kept as the original code")
+                log.warning("site %d (%s): %s", site.index, site.location, row.note)
+        report.rows.append(row)
+        if row.outcome != REVERTED:
+            plan.append((site, variant))
+    report.rows.sort(key=lambda r: r.site.index)
+    return plan
+
+
+def _verify_end_to_end(model: torch.nn.Module, captured: Captured, report: Report,
+                       tol: float) -> None:
+    """Compare the rewritten graph with the original model on every input set."""
+    names = ["example inputs", "resized inputs"]
+    all_exact = report.count(REWRITTEN) == 0
+    with eval_mode(model), torch.no_grad():
+        for name, inputs in zip(names, captured.input_sets()):
+            ref = inputs.call(model)
+            out = inputs.call(captured.gm)
+            err = compare(ref, out)
+            report.end_to_end[f"{name} {inputs.describe()}"] = err
+            if all_exact and err.rel > tol:
+                _revert_all(captured, report,
+                            f"end-to-end error {err.rel:.2e} on {name} exceeds {tol:.0e}")
+                return
+
+
+def _revert_all(captured: Captured, report: Report, why: str) -> None:
+    """Throw the rewritten graph away: every site stays as the original code computed it."""
+    log.warning("%s: reverting every site", why)
+    captured.gm = captured.program.module()
+    for row in report.rows:
+        if row.outcome in (FUSED, REWRITTEN):
+            row.outcome = REVERTED
+            row.note = why
+    report.notes.append(f"{why}: all sites reverted")
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 3)
+    log.info("%s: %.2fs", name, timings[name])

@@ -1,0 +1,1 @@
+"""Export of optimized models (ONNX / ONNX Runtime, TensorRT)."""

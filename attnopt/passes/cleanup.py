@@ -1,0 +1,36 @@
+"""Cleanup: drop what a rewrite made dead, then lint and recompile.
+
+Export graphs hold ``_assert_tensor_metadata`` nodes that *use* a tensor without consuming it;
+they are impure, so dead-code elimination keeps them and, through them, the replaced attention
+subgraph. Asserts whose tensor has no other use are removed first.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from attnopt._match.graph import ASSERT_OPS, is_op, value_users
+
+
+def cleanup(gm: GraphModule) -> int:
+    """Remove dead nodes (and asserts on dead tensors) from ``gm``; return how many went."""
+    before = len(gm.graph.nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if is_op(node, *ASSERT_OPS):
+                target = node.args[0] if node.args else None
+                if target is not None and not value_users(target) and _dead(target):
+                    gm.graph.erase_node(node)
+                    changed = True
+        if gm.graph.eliminate_dead_code():
+            changed = True
+    gm.graph.lint()
+    gm.recompile()
+    return before - len(gm.graph.nodes)
+
+
+def _dead(node) -> bool:
+    """A tensor node is dead when nothing but asserts uses it and it has no side effects."""
+    return node.op == "call_function" and not node.is_impure()

@@ -1,0 +1,181 @@
+"""Rewrite sites: matched attention subgraph → one variant op call, output in the original layout.
+
+For each site the pass emits, just before the site's output node:
+  canonical q, k, v (replaying the matcher's view recipes, then reshaping to 4-D ``[B, H, L, D]``),
+  the combined mask (bool terms and-ed, float terms summed, finite fills kept additive),
+  the variant op, and the view ops back to the layout the original value contraction produced.
+Then every use of the old output reads the new one; the old nodes become dead (see cleanup).
+
+The same emission builds a small standalone graph per site, so a site can be checked in
+isolation on values captured from the original graph (see ``attnopt.verify``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from attnopt._match.graph import shape
+from attnopt._match.layout import Recipe
+from attnopt.sites import AttentionSite
+from attnopt.variants._base import SiteOperands, Variant, implementation
+
+aten = torch.ops.aten
+Lookup = Callable[[Node], Node]
+
+
+def emit_site(graph: Graph, site: AttentionSite, variant: Variant, lookup: Lookup) -> Node:
+    """Emit ``variant`` for ``site`` at ``graph``'s insertion point; return the new output node.
+
+    Args:
+        graph: the graph to emit into.
+        site: a fusable site (its ``graph`` handles refer to the original graph's nodes).
+        variant: the variant config to emit.
+        lookup: maps an original-graph node to the node standing for it in ``graph``.
+    """
+    g = site.graph
+    assert g is not None, "sites from find_attention carry their graph handles"
+    r = g.rank
+    q = _emit_recipe(graph, g.q, lookup)
+    k = _emit_recipe(graph, g.k, lookup)
+    v = _emit_recipe(graph, g.v, lookup)
+    mask = _emit_mask(graph, site, lookup)
+    mid_sizes: list = []
+    if r > 4:
+        mid_sizes = _sizes(graph, q, shape_of=_canonical_shape(site, "q"), dims=range(1, r - 2))
+    q, k, v = (_to_4d(graph, t, r) for t in (q, k, v))
+    if mask is not None:
+        mask = _mask_to_4d(graph, mask, site, r)
+    ops = SiteOperands(q=q, k=k, v=v, mask=mask, causal=g.mask.causal, scale=site.scale)
+    out = implementation(variant).emit(variant, graph, ops, site)
+    out = _from_4d(graph, out, r, mid_sizes)
+    for op, *args in g.out_ops:
+        out = Recipe(out, ((op, *args),)).emit(graph)
+    return out
+
+
+def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant]]) -> None:
+    """Rewrite every (site, variant) of ``plan`` in ``gm`` (in place) and clean the graph."""
+    for site, variant in plan:
+        old = site.graph.output
+        with gm.graph.inserting_before(old):
+            new = emit_site(gm.graph, site, variant, lambda n: n)
+        new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", {})
+        new.meta["attnopt_site"] = site.index
+        old.replace_all_uses_with(new)
+    from attnopt.passes.cleanup import cleanup
+
+    cleanup(gm)
+
+
+def site_check_module(
+    root: GraphModule, site: AttentionSite, variant: Variant
+) -> tuple[GraphModule, list[Node]]:
+    """A standalone module computing ``site`` with ``variant`` from the site's input values.
+
+    Returns the module and the original-graph nodes whose values it takes, in argument order.
+    """
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    inputs: list[Node] = []
+
+    def lookup(n: Node) -> Node:
+        if n not in env:
+            env[n] = graph.placeholder(f"in_{len(inputs)}")
+            inputs.append(n)
+        return env[n]
+
+    graph.output(emit_site(graph, site, variant, lookup))
+    return GraphModule(root, graph), inputs
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def _emit_recipe(graph: Graph, recipe: Recipe, lookup: Lookup) -> Node:
+    return Recipe(lookup(recipe.node), recipe.ops).emit(graph)
+
+
+def _emit_mask(graph: Graph, site: AttentionSite, lookup: Lookup) -> Node | None:
+    """Combine the site's mask terms into one bool (True = attend) or additive float tensor."""
+    plan = site.graph.mask
+    hard: list[Node] = []
+    floats: list[Node] = []
+    for t in plan.bool_terms:
+        n = lookup(t.node)
+        if not t.attend:
+            n = graph.call_function(aten.logical_not.default, (n,))
+        if t.fill is None:
+            hard.append(n)
+        else:
+            floats.append(graph.call_function(aten.where.Scalar, (n, 0.0, t.fill)))
+    for t in plan.float_terms:
+        n = lookup(t.node)
+        if t.factor != 1.0:
+            n = graph.call_function(aten.mul.Tensor, (n, t.factor))
+        floats.append(n)
+    bool_mask = _fold(graph, hard, aten.logical_and.default)
+    if not floats:
+        return bool_mask
+    if bool_mask is not None:
+        floats.append(graph.call_function(aten.where.Scalar, (bool_mask, 0.0, float("-inf"))))
+    return _fold(graph, floats, aten.add.Tensor)
+
+
+def _fold(graph: Graph, nodes: list[Node], op) -> Node | None:
+    out = None
+    for n in nodes:
+        out = n if out is None else graph.call_function(op, (out, n))
+    return out
+
+
+def _canonical_shape(site: AttentionSite, which: str) -> tuple:
+    from attnopt._match.matcher import _recipe_shape
+
+    return _recipe_shape(getattr(site.graph, which))
+
+
+def _sizes(graph: Graph, node: Node, *, shape_of: tuple, dims) -> list:
+    """Sizes of ``node`` along ``dims``: ints when static, ``sym_size`` nodes when symbolic."""
+    out = []
+    for d in dims:
+        s = shape_of[d]
+        out.append(s if isinstance(s, int) else graph.call_function(aten.sym_size.int, (node, d)))
+    return out
+
+
+def _to_4d(graph: Graph, node: Node, r: int) -> Node:
+    if r == 4:
+        return node
+    if r < 4:
+        for _ in range(4 - r):
+            node = graph.call_function(aten.unsqueeze.default, (node, 0))
+        return node
+    return graph.call_function(aten.flatten.using_ints, (node, 1, r - 3))
+
+
+def _mask_to_4d(graph: Graph, mask: Node, site: AttentionSite, r: int) -> Node:
+    """Make a mask that broadcasts to the rank-``r`` scores broadcast to the 4-D scores.
+
+    Up to rank 4 right-aligned broadcasting already does it; above, the middle (head) dims are
+    flattened like q's (the matcher only accepts masks of rank <= 2 or of the full rank there).
+    """
+    if r <= 4:
+        return mask
+    ranks = [len(shape(t.node) or ()) for t in (*site.graph.mask.bool_terms,
+                                                 *site.graph.mask.float_terms)]
+    if max(ranks, default=0) <= 2:
+        return mask
+    return graph.call_function(aten.flatten.using_ints, (mask, 1, r - 3))
+
+
+def _from_4d(graph: Graph, node: Node, r: int, mid_sizes: list) -> Node:
+    if r == 4:
+        return node
+    if r < 4:
+        for _ in range(4 - r):
+            node = graph.call_function(aten.squeeze.dim, (node, 0))
+        return node
+    return graph.call_function(aten.unflatten.int, (node, 1, mid_sizes))

