@@ -63,6 +63,7 @@ class SiteOperands:
     mask: Node | None
     causal: bool
     scale: float
+    state: Any = None  # what the variant's ``fit`` returned for this site (calibrated variants)
 
 
 class VariantImpl(Protocol):
@@ -76,6 +77,13 @@ class VariantImpl(Protocol):
 
     def density(self, config: Variant, site: AttentionSite) -> float:
         """Fraction of query-key pairs the variant computes at the site's example sizes."""
+
+    # Optional, for variants fitted on calibration data (e.g. learned feature maps):
+    #   fit(config, site, samples) -> state
+    # ``samples`` is a list of dicts with the site's canonical tensors on calibration inputs:
+    # q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], mask (or None), causal, scale, and out
+    # [B,H,Lq,Dv] (the exact attention output). The returned state reaches ``emit`` as
+    # ``ops.state``. Variants without ``fit`` need no calibration.
 
 
 _REGISTRY: dict[type[Variant], VariantImpl] = {}

@@ -1,0 +1,122 @@
+"""Command line: ``attnopt inspect|optimize|export <model spec>``.
+
+Model specs are described in ``attnopt.models`` (``tiny:bert``, ``pkg:all-minilm-l6-v2``,
+``hf:./local-dir``, ``timm:vit_tiny_patch16_224``, ``my.module:factory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from attnopt.errors import AttnoptError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``attnopt`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except AttnoptError as e:
+        print(f"attnopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnopt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-site reasons)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("spec", help="model spec, e.g. tiny:bert, pkg:all-minilm-l6-v2, "
+                                     "hf:./dir, timm:vit_tiny_patch16_224, my.module:factory")
+        sp.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+        sp.add_argument("--seq", type=int, default=32, help="example sequence length (default 32)")
+        sp.add_argument("--static", action="store_true", help="capture with static shapes")
+        sp.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+    sp = sub.add_parser("inspect", help="list the attention sites of a model (read-only)")
+    common(sp)
+    sp.set_defaults(func=_inspect)
+
+    sp = sub.add_parser("optimize", help="fuse every attention, verify, print the report")
+    common(sp)
+    sp.set_defaults(func=_optimize)
+    return p
+
+
+def _load(args):
+    from attnopt.models import build
+
+    _step(f"loading {args.spec}")
+    t0 = time.perf_counter()
+    built = build(args.spec, batch=args.batch, seq=args.seq)
+    _step(f"loaded {built.description} in {time.perf_counter() - t0:.1f}s")
+    return built
+
+
+def _inspect(args) -> int:
+    import attnopt
+    from attnopt.report import LEFT_EXACT, Report, SiteResult
+
+    built = _load(args)
+    _step("capturing and matching")
+    sites = attnopt.find_attention(built.model, built.inputs, dynamic=not args.static)
+    report = Report(model=built.description,
+                    rows=[SiteResult(s, "found" if s.fusable else LEFT_EXACT, note=s.reason)
+                          for s in sites])
+    print(report.table())
+    _expectation(built, len(sites))
+    _write_json(args, report)
+    return 0
+
+
+def _optimize(args) -> int:
+    import attnopt
+
+    built = _load(args)
+    _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
+    config = attnopt.Config(dynamic=not args.static)
+    fast = attnopt.optimize(built.model, built.inputs, config)
+    fast.report.model = built.description
+    print(fast.report.table())
+    _expectation(built, len(fast.report.rows))
+    _write_json(args, fast.report)
+    return 0
+
+
+def _expectation(built, found: int) -> None:
+    if built.expected_sites is not None:
+        status = "as expected" if found == built.expected_sites else "MISMATCH"
+        print(f"the model's config implies {built.expected_sites} attention layers: "
+              f"found {found} ({status})")
+
+
+def _write_json(args, report) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        _step(f"report written to {args.json}")
+
+
+def _step(msg: str) -> None:
+    print(f"[attnopt] {msg}", file=sys.stderr, flush=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[attnopt] %(message)s"))
+    log = logging.getLogger("attnopt")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
