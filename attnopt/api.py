@@ -48,6 +48,11 @@ class OptimizedModel(torch.nn.Module):
         return self.graph_module(*args, **kwargs)
 
     @property
+    def call_defaults(self) -> dict[str, Any]:
+        """Keyword arguments added to every call (``use_cache=False`` for HF models)."""
+        return dict(self._captured.injected)
+
+    @property
     def sites(self) -> list[AttentionSite]:
         """The attention sites found in the original model."""
         return self.report.sites

@@ -73,6 +73,10 @@ class MaskPlan:
         return "+".join(dict.fromkeys(parts)) or "none"
 
 
+class _NotAMask(Exception):
+    """A where/masked_fill whose other operand is a non-zero constant: not a mask conversion."""
+
+
 class MaskAnalyzer:
     """Classifies mask terms of one graph. See the module docstring."""
 
@@ -114,10 +118,6 @@ class MaskAnalyzer:
     # -- float trees ---------------------------------------------------------------------------
 
     def _split_float(self, plan: MaskPlan, node: Node, factor: float) -> None:
-        if not self._depends(node):
-            kind = self._classify(node, is_bool=False, attend=True)
-            self._record_static(plan, node, kind, factor=factor)
-            return
         if is_op(node, aten.add.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
             if node.kwargs.get("alpha", 1) == 1:
                 for a in node.args[:2]:
@@ -126,20 +126,31 @@ class MaskAnalyzer:
         if is_op(node, aten.expand.default, *IDENTITY_OPS):
             self._split_float(plan, node.args[0], factor)
             return
-        converted = self._bool_to_float(node)
+        try:
+            converted = self._bool_to_float(node)
+        except _NotAMask:
+            converted = None
         if converted is not None:
-            cond, attend, fill = converted
+            cond, attend, fill, base = converted
+            if base is not None:
+                self._split_float(plan, base, factor)
             self._split_bool(plan, cond, attend, None if fill * factor <= float("-inf")
                              else fill * factor)
+            return
+        if not self._depends(node):
+            kind = self._classify(node, is_bool=False, attend=True)
+            self._record_static(plan, node, kind, factor=factor)
             return
         label = _input_label(node)
         plan.float_terms.append(FloatTerm(node, factor, label))
         plan.labels.append(label)
 
-    def _bool_to_float(self, node: Node) -> tuple[Node, bool, float] | None:
-        """Recognise ``where(c, 0, fill)``, ``where(c, fill, 0)`` and ``masked_fill(0, c, fill)``.
+    def _bool_to_float(self, node: Node) -> tuple[Node, bool, float, Node | None] | None:
+        """Recognise a boolean mask written into a float tensor with a hard (very negative) fill.
 
-        Returns (condition, True-means-attend, fill) for a hard (very negative) fill, else None.
+        ``where(c, x, fill)``, ``where(c, fill, x)`` and ``masked_fill(x, c, fill)`` equal
+        ``x + mask(c)`` under softmax. Returns (condition, True-means-attend, fill, x), with x
+        None when it is the constant 0; None when ``node`` is none of these.
         """
         if is_op(node, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
                  aten.where.Scalar):
@@ -147,18 +158,26 @@ class MaskAnalyzer:
             if dtype(cond) != torch.bool:
                 return None
             va, vb = self._const(a), self._const(b)
-            if va == 0.0 and vb is not None and vb <= HARD_FILL:
-                return cond, True, vb
-            if vb == 0.0 and va is not None and va <= HARD_FILL:
-                return cond, False, va
+            if vb is not None and vb <= HARD_FILL and va != vb:
+                return cond, True, vb, self._base(a, va)
+            if va is not None and va <= HARD_FILL and va != vb:
+                return cond, False, va, self._base(b, vb)
             return None
         if is_op(node, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             base, cond, val = node.args[:3]
-            if self._const_all_zero(base) and dtype(cond) == torch.bool:
-                v = self._const(val)
-                if v is not None and v <= HARD_FILL:
-                    return cond, False, v
+            v = self._const(val)
+            if dtype(cond) == torch.bool and v is not None and v <= HARD_FILL:
+                return cond, False, v, self._base(base, self._const(base))
         return None
+
+    @staticmethod
+    def _base(arg: object, const: float | None) -> Node | None:
+        """The float operand beside a mask fill: None when it is the constant 0."""
+        if const == 0.0:
+            return None
+        if isinstance(arg, Node) and dtype(arg) is not None and dtype(arg).is_floating_point:
+            return arg
+        raise _NotAMask()
 
     # -- static (input-independent) terms ------------------------------------------------------
 
@@ -179,8 +198,11 @@ class MaskAnalyzer:
             plan.causal = True
             return
         if name in ("causal_window", "window"):
+            # A causal band is causal (the fused kernel skips future blocks) and a window
+            # (the band term stays as the mask; a sliding-window variant can use it natively).
             plan.window = window
-            label = f"{'causal ' if name == 'causal_window' else ''}window={window}"
+            plan.causal = plan.causal or name == "causal_window"
+            label = f"window={window}"
         else:
             label = name
         if dtype(node) == torch.bool:

@@ -7,6 +7,7 @@ subgraph. Asserts whose tensor has no other use are removed first.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule
 
 from attnopt._match.graph import ASSERT_OPS, is_op, value_users
@@ -24,11 +25,30 @@ def cleanup(gm: GraphModule) -> int:
                 if target is not None and not value_users(target) and _dead(target):
                     gm.graph.erase_node(node)
                     changed = True
-        if gm.graph.eliminate_dead_code():
+        if gm.graph.eliminate_dead_code(is_impure_node=_is_impure):
             changed = True
     gm.graph.lint()
     gm.recompile()
     return before - len(gm.graph.nodes)
+
+
+def _is_impure(node) -> bool:
+    """FX's purity, except that eval-mode dropout and dropout-free SDPA are pure.
+
+    FX counts every op that *may* draw random numbers as impure, so a dead
+    ``dropout(p, train=False)`` would keep the replaced softmax and its N×N scores alive, and a
+    replaced SDPA call would still run.
+    """
+    if is_op(node, torch.ops.aten.dropout.default):
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        if not train or p == 0:
+            return False
+    if is_op(node, torch.ops.aten.scaled_dot_product_attention.default):
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        if p == 0:
+            return False
+    return node.is_impure()
 
 
 def _dead(node) -> bool:

@@ -1,0 +1,25 @@
+"""Shared test set-up: offline HF, deterministic seeds, a cache for converted real weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ATTNOPT_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (the library's error measure)."""
+    ref, out = ref.double(), out.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
