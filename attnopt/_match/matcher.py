@@ -587,6 +587,8 @@ def _unrepeat(node: Node) -> tuple[Node | None, int]:
     if is_op(node, aten.repeat_interleave.self_int):
         src, reps = node.args[:2]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if isinstance(reps, Node):  # a symbolic repeat count (heads // kv_heads)
+            reps = hint(reps.meta.get("val"))
         if isinstance(reps, int) and dim is not None and normalize_dim(dim, 4) == 1:
             return src, reps
         return None, 0
@@ -600,12 +602,12 @@ def _unrepeat(node: Node) -> tuple[Node | None, int]:
                 rank(src) == 4
                 and normalize_dim(un.args[1], 5) == 2
                 and es is not None and len(es) == 5
-                and isinstance(es[2], int)
+                and hint(es[2]) is not None
                 and same_size(es[1], ss[1]) and same_size(es[3], ss[2])
                 and same_size(es[4], ss[3])
                 and out is not None and len(out) == 4
             ):
-                return src, es[2]
+                return src, hint(es[2])
     return None, 0
 
 

@@ -100,8 +100,8 @@ def performer_omega(d: int, m: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     blocks = []
     for _ in range(math.ceil(m / d)):
-        qmat, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-        blocks.append(qmat.T)
+        qmat, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        blocks.append((qmat * torch.sign(torch.diagonal(r))).T)  # sign fix: Haar-uniform
     rows = torch.cat(blocks)[:m]
     norms = torch.randn(m, d, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (rows * norms).T.contiguous().float()
@@ -183,9 +183,12 @@ def _elementwise_map(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return F.relu(x)
     if name == "taylor":
-        i, j, coef = taylor_pairs(x.shape[-1])
-        quad = x[..., i] * x[..., j] * coef.to(x)
-        return torch.cat([torch.ones_like(x[..., :1]), x, quad], dim=-1)
+        # Row r of the upper triangle is x_r·x[r:], in taylor_pairs' order (slices, not a
+        # gather: much cheaper to differentiate when fitting).
+        d = x.shape[-1]
+        _, _, coef = taylor_pairs(d)
+        quad = torch.cat([x[..., r:r + 1] * x[..., r:] for r in range(d)], dim=-1)
+        return torch.cat([torch.ones_like(x[..., :1]), x, quad * coef.to(x)], dim=-1)
     if name == "learned":
         return torch.cat([x.softmax(-1), (-x).softmax(-1)], dim=-1)
     raise ValueError(f"unknown feature map {name!r}")
@@ -257,6 +260,17 @@ def pca_projections(samples: Sequence[dict[str, Any]], m: int, heads: int, kv_he
     return w.repeat_interleave(g, 0).contiguous(), w.contiguous()
 
 
+def _minibatch(sample: dict[str, Any], max_tokens: int, gen: torch.Generator) -> dict[str, Any]:
+    """A random subset of the sample's batch rows with at most ``max_tokens`` query tokens."""
+    b, lq = sample["q"].shape[0], sample["q"].shape[2]
+    rows = max(1, max_tokens // max(lq, 1))
+    if rows >= b:
+        return sample
+    idx = torch.randperm(b, generator=gen)[:rows]
+    return {key: (t.index_select(0, idx) if isinstance(t, torch.Tensor) and t.dim() > 0
+                  and t.shape[0] == b else t) for key, t in sample.items()}
+
+
 def relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``mean((out − ref)²) / mean(ref²)`` (0 = exact)."""
     ref = ref.float()
@@ -271,6 +285,7 @@ def fit_projections(
     steps: int,
     lr: float,
     desc: str = "fit",
+    max_tokens: int = 1024,
 ) -> FittedMaps:
     """Train ``params``' projections so that ``forward`` matches each sample's exact ``out``.
 
@@ -278,9 +293,11 @@ def fit_projections(
         params: the map with initial projections (``wq, bq, wk, bk`` all set).
         samples: dicts with canonical ``q, k, v, mask, causal, scale`` and ``out [B, H, Lq, Dv]``.
         forward: linear attention of a sample with given params (differentiable in them).
-        steps: Adam steps; each uses one sample, round robin.
+        steps: Adam steps; each uses one sample, round robin (a random subset of its batch rows
+            when it has more than ``max_tokens`` query tokens).
         lr: Adam learning rate.
         desc: label of the progress bar.
+        max_tokens: query tokens per step (bounds the cost of a step).
 
     Returns:
         The best projections seen (the initial ones when fitting did not improve the loss).
@@ -304,10 +321,11 @@ def fit_projections(
 
     before = total_loss()
     best = (before, [t.detach().clone() for t in tensors])
+    gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
         for step in bar:
-            sample = samples[step % len(samples)]
+            sample = _minibatch(samples[step % len(samples)], max_tokens, gen)
             loss = relative_mse(forward(current(), sample), sample["out"])
             opt.zero_grad(set_to_none=True)
             loss.backward()

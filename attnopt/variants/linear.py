@@ -56,6 +56,8 @@ log = logging.getLogger("attnopt")
 
 #: working-set budget of one chunk of the torch implementation (features, block states, scores).
 CHUNK_BYTES = 24 << 20
+#: ... but never fewer tokens than this per chunk (tiny chunks make tiny, slow matmuls).
+MIN_CHUNK = 256
 #: the normaliser is clamped to this (all weights are >= 0, so |num| <= den·max|v| always).
 TINY = torch.finfo(torch.float32).tiny
 #: masks whose masked positions are not below this are biases, not padding (same as the matcher).
@@ -236,7 +238,8 @@ def _ones_col(v: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_len(per_token: int, multiple: int) -> int:
-    n = max(multiple, CHUNK_BYTES // max(per_token, 1))
+    """Tokens per chunk: within ``CHUNK_BYTES``, at least ``MIN_CHUNK``, a multiple of ``multiple``."""
+    n = max(MIN_CHUNK, CHUNK_BYTES // max(per_token, 1))
     return max(multiple, n // multiple * multiple)
 
 
@@ -487,8 +490,7 @@ class LinearImpl:
         h, d, hkv = q0.shape[1], q0.shape[-1], k0.shape[1]
         scale = float(samples[0].get("scale") or d ** -0.5)
         m = _projection_dim(config, d)
-        wq, wk = fm.pca_projections(samples, m, h, hkv, scale if config.feature_map in
-                                    fm.SCALED_MAPS else 1.0, config.seed)
+        wq, wk = fm.pca_projections(samples, m, h, hkv, config.seed)
         p = MapParams(config.feature_map, scale, wq, torch.zeros(h, m), wk, torch.zeros(hkv, m),
                       _performer_omega(config, m) if config.feature_map == "performer" else None)
         prepared = [_prepare(s) for s in samples]

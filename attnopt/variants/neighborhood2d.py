@@ -1,0 +1,534 @@
+"""2-D neighborhood attention: image-token site → ``torch.ops.attnopt.neighborhood2d`` (NATTEN).
+
+For a sequence of ``P`` prefix tokens (class / register tokens) followed by an ``h × w`` grid of
+patch tokens in row-major order, each grid token attends to the ``kernel × kernel`` window of
+grid tokens around it and to the prefix tokens; prefix tokens attend to everything. Windows
+follow NATTEN's semantics: a window that would cross the grid's border is shifted inwards, so
+every grid query sees exactly ``kernel²`` grid keys; with ``dilation`` d the grid splits into d×d
+interleaved sub-grids (positions ≡ a mod d) and the window is taken inside the query's sub-grid.
+Cost O(N·(kernel² + P)) instead of O(N²).
+
+Constraints:
+  * non-causal self attention over a token grid; causal and cross attention are refused;
+  * the grid is ``grid=(h, w)`` when given, otherwise inferred from the captured graph: the
+    output ``[B, C, h, w]`` of a 2-D convolution (the patch embedding) with
+    ``0 <= L - h·w < h·w``; no (static) such convolution → refused with a reason;
+  * ``kernel`` odd, ``kernel · dilation <= min(h, w)``;
+  * masks: any mask is applied inside the pattern; GQA: the query heads of a kv group share
+    their gathered neighborhood.
+
+Fast path: queries are tiled in ``t × t`` squares of one sub-grid; a tile's neighborhoods all lie
+in one ``(t + kernel - 1)²`` region, gathered once per tile and kv head, and a separable
+(row ⊕ column) bias cuts each query's columns down to its own window. Prefix queries use one
+dense SDPA call over all keys.
+
+ONNX: no ORT CPU kernel implements neighborhood attention; both targets use a gather-based
+decomposition: constant tile / region index tables (the grid is static), ``Gather`` of the regions,
+the separable bias, batched attention per tile, and a ``ScatterElements``-free inverse permutation
+back to token order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from onnxscript import opset23 as op
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from attnopt.errors import ConfigError
+from attnopt.export._registry import onnx_translation
+from attnopt.variants import _sparse
+from attnopt.variants._base import SiteOperands, Variant, register
+
+if TYPE_CHECKING:
+    from torch.fx import Graph, Node
+
+    from attnopt.sites import AttentionSite
+
+aten = torch.ops.aten
+
+#: queries per tile side of the fast path (64 query rows per tile and head).
+TILE = 8
+_CONVS = (aten.conv2d.default, aten.convolution.default, aten._convolution.default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Neighborhood2D(Variant):
+    """Each grid token attends to a ``kernel × kernel`` window around it (NATTEN semantics).
+
+    Attributes:
+        kernel: window side (odd), e.g. 7.
+        dilation: spacing of the window's taps (1 = a dense window).
+        grid: ``(h, w)`` of the patch grid; None infers it from the model's patch embedding.
+    """
+
+    name = "neighborhood2d"
+    exact = False
+
+    kernel: int
+    dilation: int = 1
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.kernel, int) or isinstance(self.kernel, bool) or self.kernel < 1
+                or self.kernel % 2 == 0):
+            raise ConfigError(f"kernel must be an odd positive int (e.g. 7), got {self.kernel!r}")
+        if (not isinstance(self.dilation, int) or isinstance(self.dilation, bool)
+                or self.dilation < 1):
+            raise ConfigError(f"dilation must be a positive int, got {self.dilation!r}")
+        if self.grid is not None:
+            g = self.grid
+            if (not isinstance(g, (tuple, list)) or len(g) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                               for x in g)):
+                raise ConfigError(f"grid must be None or (height, width) in tokens, got {g!r}")
+            object.__setattr__(self, "grid", (int(g[0]), int(g[1])))
+            if min(self.grid) < self.kernel * self.dilation:
+                raise ConfigError(f"grid {self.grid} is smaller than kernel·dilation = "
+                                  f"{self.kernel * self.dilation}")
+
+
+# -- windows ---------------------------------------------------------------------------------------
+
+
+def window_1d(n: int, kernel: int, dilation: int) -> torch.Tensor:
+    """``[n, n]`` bool: key j is in query i's window along one axis (slow, clear; reference)."""
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        a, ii = i % dilation, i // dilation
+        size = len(range(a, n, dilation))
+        start = min(max(ii - kernel // 2, 0), size - kernel)
+        for c in range(start, start + kernel):
+            allowed[i, a + dilation * c] = True
+    return allowed
+
+
+def neighborhood_pattern(length: int, grid: tuple[int, int], kernel: int,
+                         dilation: int) -> torch.Tensor:
+    """The ``[L, L]`` bool pattern (prefix tokens see and are seen by everything)."""
+    gh, gw = grid
+    prefix = length - gh * gw
+    wy, wx = window_1d(gh, kernel, dilation), window_1d(gw, kernel, dilation)
+    g = (wy[:, None, :, None] & wx[None, :, None, :]).reshape(gh * gw, gh * gw)
+    allowed = torch.ones(length, length, dtype=torch.bool)
+    allowed[prefix:, prefix:] = g
+    return allowed
+
+
+@dataclass(frozen=True)
+class AxisTiles:
+    """Tiles of one axis: query positions, their key region and which region keys they see.
+
+    Attributes:
+        query: ``[nt, t]`` axis positions of each tile's queries (-1: padding).
+        key: ``[nt, R]`` axis positions of each tile's key region (-1: padding).
+        allowed: ``[nt, t, R]`` key r is in query i's window.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    allowed: torch.Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def axis_tiles(n: int, kernel: int, dilation: int, tile: int) -> AxisTiles:
+    """Tile one axis of ``n`` positions (per dilation class) for windows of ``kernel`` taps.
+
+    A tile holds ``tile`` consecutive positions of one class; all their windows lie in the
+    class's ``min(size, tile + kernel - 1)`` positions starting at the (clamped) first window.
+    """
+    queries, keys, allowed = [], [], []
+    region = 0
+    for a in range(dilation):
+        size = len(range(a, n, dilation))
+        r = min(size, tile + kernel - 1)
+        region = max(region, r)
+        for t0 in range(0, size, tile):
+            ii = torch.arange(t0, t0 + tile)
+            ok = ii < size
+            rs = min(max(t0 - kernel // 2, 0), size - r)
+            kk = torch.arange(rs, rs + r)
+            ws = (ii - kernel // 2).clamp(min=0).clamp(max=size - kernel)
+            seen = (kk[None, :] >= ws[:, None]) & (kk[None, :] < ws[:, None] + kernel) \
+                & ok[:, None]
+            queries.append(torch.where(ok, a + dilation * ii, -1))
+            keys.append(a + dilation * kk)
+            allowed.append(seen)
+    nt = len(queries)
+    key = torch.full((nt, region), -1, dtype=torch.int64)
+    seen = torch.zeros(nt, tile, region, dtype=torch.bool)
+    for i, (kk, s) in enumerate(zip(keys, allowed)):
+        key[i, :kk.numel()] = kk
+        seen[i, :, :kk.numel()] = s
+    return AxisTiles(torch.stack(queries), key, seen)
+
+
+@dataclass(frozen=True)
+class GridTiles:
+    """2-D tiles: products of row tiles and column tiles (row-tile major).
+
+    Attributes:
+        query_index: ``[nt, t²]`` token positions of each tile's queries (``L``: padding).
+        key_index: ``[nt, Ry·Rx]`` token positions of each tile's key region (clamped).
+        row_bias: ``[nty, t, Ry]`` 0 / -inf, row window of each row tile.
+        col_bias: ``[ntx, t, Rx]`` 0 / -inf, column window of each column tile.
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    row_bias: torch.Tensor
+    col_bias: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(nty, ntx, Ry, Rx)``."""
+        return (self.row_bias.shape[0], self.col_bias.shape[0], self.row_bias.shape[2],
+                self.col_bias.shape[2])
+
+
+@functools.lru_cache(maxsize=32)
+def grid_tiles(length: int, grid: tuple[int, int], kernel: int, dilation: int,
+               tile: int = TILE) -> GridTiles:
+    """The tile tables of a ``length``-token sequence whose last ``h·w`` tokens are the grid."""
+    gh, gw = grid
+    prefix = length - gh * gw
+    ty, tx = axis_tiles(gh, kernel, dilation, tile), axis_tiles(gw, kernel, dilation, tile)
+    qy, qx = ty.query[:, None, :, None], tx.query[None, :, None, :]
+    q = torch.where((qy >= 0) & (qx >= 0), prefix + qy * gw + qx, length)
+    ky, kx = ty.key[:, None, :, None], tx.key[None, :, None, :]
+    k = (prefix + ky.clamp(min=0) * gw + kx.clamp(min=0))
+    nty, ntx = q.shape[:2]
+    return GridTiles(
+        q.reshape(nty * ntx, -1), k.reshape(nty * ntx, -1),
+        _sparse.key_bias(ty.allowed, torch.float32), _sparse.key_bias(tx.allowed, torch.float32))
+
+
+# -- the op -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnopt::neighborhood2d", mutates_args=())
+def neighborhood2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    kernel: int,
+    dilation: int,
+    grid_h: int,
+    grid_w: int,
+    scale: float,
+) -> torch.Tensor:
+    """2-D neighborhood attention on canonical operands (self attention over prefix + grid).
+
+    Args:
+        q: ``[B, H, L, D]`` with ``L = P + grid_h·grid_w`` (P prefix tokens first).
+        k: ``[B, Hkv, L, D]`` with ``H % Hkv == 0``.
+        v: ``[B, Hkv, L, Dv]``.
+        attn_mask: None, bool (True = attend) or additive float, broadcastable to
+            ``[B, H, L, L]``; applied inside the pattern.
+        kernel: window side (odd).
+        dilation: spacing of the window's taps.
+        grid_h: grid height in tokens.
+        grid_w: grid width in tokens.
+        scale: multiplier of the scores.
+
+    Returns:
+        ``[B, H, L, Dv]``, contiguous; rows whose pattern is fully masked are 0.
+    """
+    mask = _sparse.check_operands(q, k, v, attn_mask)
+    length = q.shape[2]
+    prefix = length - grid_h * grid_w
+    if k.shape[2] != length or prefix < 0:
+        raise ValueError(f"neighborhood2d needs self attention over P + {grid_h}x{grid_w} "
+                         f"tokens, got Lq={length}, Lk={k.shape[2]}")
+    if min(grid_h, grid_w) < kernel * dilation:
+        raise ValueError(f"grid {grid_h}x{grid_w} is smaller than kernel·dilation = "
+                         f"{kernel * dilation}")
+    runner = _sparse.BlockedRunner(q, k, v, mask, scale)
+    out = torch.empty(*q.shape[:3], v.shape[3], dtype=runner.dtype, device=q.device)
+    if prefix:
+        pm = mask
+        if pm is not None and pm.shape[2] > 1:
+            pm = pm[:, :, :prefix]
+        if pm is not None and pm.dtype != torch.bool:
+            pm = pm.to(runner.dtype)
+        out[:, :, :prefix] = F.scaled_dot_product_attention(
+            runner.q[:, :, :prefix], runner.k, runner.v, attn_mask=pm, scale=float(scale),
+            enable_gqa=k.shape[1] != q.shape[1])
+    tiles = grid_tiles(length, (grid_h, grid_w), kernel, dilation, TILE)
+    runner.run(_TilePlan(runner, tiles, prefix), out=out)
+    return out.to(q.dtype)
+
+
+@neighborhood2d.register_fake
+def _(q, k, v, attn_mask, kernel, dilation, grid_h, grid_w, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def reference_neighborhood2d(q, k, v, attn_mask=None, kernel: int = 3, dilation: int = 1,
+                             grid: tuple[int, int] = (1, 1),
+                             scale: float | None = None) -> torch.Tensor:
+    """Slow reference of :func:`neighborhood2d`: dense attention under the neighborhood pattern."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    allowed = neighborhood_pattern(q.shape[2], grid, kernel, dilation).to(q.device)
+    return _sparse.reference_sparse(q, k, v, attn_mask, allowed, scale)
+
+
+class _TilePlan:
+    """One tile of ``t × t`` grid queries per block; keys: the prefix and the tile's region."""
+
+    fold = True
+    prebias = True
+
+    def __init__(self, runner: _sparse.BlockedRunner, tiles: GridTiles, prefix: int) -> None:
+        dev = runner.q.device
+        self.tiles = tiles
+        self.prefix = prefix
+        self.query_index = tiles.query_index.to(dev)
+        region = tiles.key_index.to(dev)
+        nt = region.shape[0]
+        head = torch.arange(prefix, device=dev).expand(nt, prefix)
+        self.used = prefix + region.shape[1]
+        pad = torch.zeros(nt, _sparse.round_up(self.used) - self.used, dtype=region.dtype,
+                          device=dev)
+        self.key_index = torch.cat([head, region, pad], dim=1)
+        self.nblk, self.block = self.query_index.shape
+        self.nty, self.ntx, self.ry, self.rx = tiles.shape
+        self.tile = tiles.row_bias.shape[1]
+        self.key_cols = self.key_index.shape[1]
+        self.row_bias = tiles.row_bias.to(device=dev, dtype=runner.dtype)
+        self.col_bias = tiles.col_bias.to(device=dev, dtype=runner.dtype)
+
+    def chunks(self, max_blocks: int):
+        """Uniform chunks of whole tiles."""
+        return _sparse.uniform_chunks(self.nblk, max_blocks)
+
+    def segments(self, c: _sparse.Chunk) -> list[_sparse.Segment]:
+        """Prefix keys and the tiles' regions, gathered as one segment (so the scores are one
+        contiguous block the score matmul can accumulate into)."""
+        pos = self.key_index[c.s0:c.s1]
+        k, v = _sparse.gather_keys(c, pos, "region")
+        return [_sparse.Segment(k, v, pos)]
+
+    def bias(self, c: _sparse.Chunk, s: torch.Tensor) -> None:
+        """Initialise the scores (``prebias``): 0 for the prefix keys, row window ⊕ column
+        window in the region, -inf in the alignment columns."""
+        m, gf, t = c.m, s.shape[1], self.tile
+        idx = torch.arange(c.s0, c.s1, device=s.device)
+        by = self.row_bias[idx // self.ntx][:, None, :, None, :, None]  # [m,1,t,1,Ry,1]
+        bx = self.col_bias[idx % self.ntx][:, None, None, :, None, :]  # [m,1,1,t,1,Rx]
+        shape = (m, gf, t, t, self.ry, self.rx)
+        region = s[..., self.prefix:self.used].unflatten(3, (self.ry, self.rx))
+        torch.add(by.expand(shape), bx.expand(shape), out=region.unflatten(2, (t, t)))
+        if self.prefix:
+            s[..., :self.prefix].zero_()
+        if self.key_cols > self.used:
+            s[..., self.used:].fill_(_sparse.NEG_INF)
+
+
+# -- the implementation ---------------------------------------------------------------------------
+
+
+def infer_grid(site: AttentionSite) -> tuple[tuple[int, int] | None, str]:
+    """The token grid of ``site`` from a 2-D convolution's output shape, or (None, reason)."""
+    length = site.q_len
+    if not isinstance(length, int):
+        return None, "the sequence length is unknown"
+    g = site.graph
+    graph = g.anchor.graph if g is not None else None
+    if graph is None:
+        return None, "the site carries no graph to infer the grid from; pass grid=(h, w)"
+    found, dynamic = [], False
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _CONVS:
+            continue
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            continue
+        gh, gw = _concrete(val.shape[-2]), _concrete(val.shape[-1])
+        if gh is None or gw is None:
+            dynamic = True
+            continue
+        prefix = length - gh * gw
+        if 0 <= prefix < gh * gw:
+            found.append((prefix, gh, gw))
+    if found:
+        _, gh, gw = min(found)
+        return (gh, gw), ""
+    if dynamic:
+        return None, ("the patch grid is dynamic in the captured graph; capture with "
+                      "dynamic=False or pass grid=(h, w)")
+    return None, (f"no 2-D convolution produces a token grid matching the sequence length "
+                  f"{length}; pass grid=(h, w) if the tokens form an image grid")
+
+
+def _concrete(dim: object) -> int | None:
+    """An int, or a SymInt whose value is a constant (export keeps some static dims symbolic)."""
+    if isinstance(dim, int):
+        return dim
+    if isinstance(dim, torch.SymInt) and is_concrete_int(dim):
+        return int(dim)
+    return None
+
+
+def _grid_for(config: Neighborhood2D, site: AttentionSite) -> tuple[tuple[int, int] | None, str]:
+    if config.grid is not None:
+        return config.grid, ""
+    return infer_grid(site)
+
+
+@register(Neighborhood2D)
+class Neighborhood2DImpl:
+    """Emits ``torch.ops.attnopt.neighborhood2d`` on image-token self-attention sites."""
+
+    def can_apply(self, config: Neighborhood2D, site: AttentionSite) -> str | None:
+        reason = _sparse.common_refusal(site)
+        if reason:
+            return reason
+        if site.kind != "self" or site.q_len != site.kv_len:
+            return "neighborhood attention needs self attention over one token grid"
+        if _sparse.site_is_causal(site):
+            return "neighborhood attention is bidirectional; this site is causal"
+        grid, why = _grid_for(config, site)
+        if grid is None:
+            return f"cannot find the token grid: {why}"
+        gh, gw = grid
+        prefix = site.q_len - gh * gw
+        if prefix < 0:
+            return (f"the sequence ({site.q_len} tokens) is shorter than the grid {gh}x{gw}")
+        if min(gh, gw) < config.kernel * config.dilation:
+            return (f"the grid {gh}x{gw} is smaller than kernel·dilation = "
+                    f"{config.kernel * config.dilation}")
+        return None
+
+    def emit(self, config: Neighborhood2D, graph: Graph, ops: SiteOperands,
+             site: AttentionSite) -> Node:
+        grid, _ = _grid_for(config, site)
+        scale = float(ops.scale) if ops.scale is not None else site.head_dim ** -0.5
+        return graph.call_function(
+            torch.ops.attnopt.neighborhood2d.default,
+            (ops.q, ops.k, ops.v, ops.mask, config.kernel, config.dilation, grid[0], grid[1],
+             scale),
+        )
+
+    def density(self, config: Neighborhood2D, site: AttentionSite) -> float:
+        """Pairs in the pattern over all pairs."""
+        length = site.q_len
+        grid, _ = _grid_for(config, site)
+        if not isinstance(length, int) or grid is None:
+            return 1.0
+        return neighborhood_pairs(length, grid, config.kernel) / (length * length)
+
+
+def neighborhood_pairs(length: int, grid: tuple[int, int], kernel: int) -> int:
+    """Pairs in the pattern: prefix rows and columns plus ``kernel²`` per grid query."""
+    n = grid[0] * grid[1]
+    prefix = length - n
+    return prefix * length + n * (prefix + kernel * kernel)
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+
+
+def tile_tables(length: int, grid: tuple[int, int], kernel: int, dilation: int,
+                tile: int = TILE) -> tuple[GridTiles, np.ndarray, np.ndarray, int]:
+    """Tables of the ONNX lowering: tiles, padded key index ``[nt, Kc]`` (prefix first),
+    the slot of every grid token in the tiles' query order ``[h·w]``, and ``Kc``."""
+    tiles = grid_tiles(length, grid, kernel, dilation, tile)
+    prefix = length - grid[0] * grid[1]
+    region = tiles.key_index.numpy()
+    nt = region.shape[0]
+    used = prefix + region.shape[1]
+    cols = _sparse.round_up(used)
+    key = np.zeros((nt, cols), dtype=np.int64)
+    key[:, :prefix] = np.arange(prefix)
+    key[:, prefix:used] = region
+    slots = tiles.query_index.numpy().reshape(-1)
+    inverse = np.zeros(grid[0] * grid[1], dtype=np.int64)
+    real = slots < length
+    inverse[slots[real] - prefix] = np.nonzero(real)[0]
+    return tiles, key, inverse, used
+
+
+@onnx_translation(torch.ops.attnopt.neighborhood2d.default, "onnx", "onnxruntime")
+def neighborhood2d_onnx(q, k, v, attn_mask=None, kernel: int = 3, dilation: int = 1,
+                        grid_h: int = 1, grid_w: int = 1, scale: float = 1.0):
+    """Standard ops: constant tile tables, ``Gather`` of regions, separable bias, attention.
+
+    The sequence length must be static (the grid is). Largest tensors: the gathered regions
+    ``[B, H, tiles, Kc, D]`` and the scores ``[B, H, tiles, t², Kc]``, Kc ≈ (t + kernel - 1)².
+    """
+    ops = _sparse.onnx_operands(q, k, v, attn_mask, scale)
+    length = _sparse._static(q, 2, "sequence length (the token grid is static)")
+    grid = (grid_h, grid_w)
+    prefix = length - grid_h * grid_w
+    tiles, key, inverse, used = tile_tables(length, grid, kernel, dilation)
+    nt, cols = key.shape
+    nty, ntx, ry, rx = tiles.shape
+    t = tiles.row_bias.shape[1]
+    qslots = np.minimum(tiles.query_index.numpy().reshape(-1), length - 1)
+    qg = op.Reshape(op.Gather(ops.q, _const(qslots), axis=2),
+                    _ints(0, 0, nt, t * t, ops.dim))                   # [B, H, nt, T, D]
+    kidx = _const(key)
+    kg = op.Gather(ops.k, kidx, axis=2)                                # [B, H, nt, Kc, D]
+    vg = op.Gather(ops.v, kidx, axis=2)
+    tile_ids = np.arange(nt)
+    by = op.Reshape(op.Gather(_const(tiles.row_bias.numpy()), _const(tile_ids // ntx), axis=0),
+                    _ints(nt, t, 1, ry, 1))
+    bx = op.Reshape(op.Gather(_const(tiles.col_bias.numpy()), _const(tile_ids % ntx), axis=0),
+                    _ints(nt, 1, t, 1, rx))
+    parts = [op.Reshape(op.Add(by, bx), _ints(nt, t * t, ry * rx))]
+    if prefix:
+        parts.insert(0, _const(np.zeros((1, 1, prefix), dtype=np.float32)))
+    if cols > used:
+        parts.append(_const(np.full((1, 1, cols - used), -np.inf, dtype=np.float32)))
+    if len(parts) > 1:
+        shape = _ints(nt, t * t, 1)
+        parts = [op.Expand(p, op.Concat(op.Slice(shape, _ints(0), _ints(2)),
+                                        op.Shape(p, start=2), axis=0)) for p in parts]
+    bias = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=2)  # [nt, T, Kc]
+    s = op.Add(op.MatMul(qg, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), bias)
+    if ops.mask is not None:
+        s = op.Add(s, _onnx_tile_mask(ops, qslots, key, nt, t * t))
+    out = _sparse._onnx_softmax_out([(s, vg)], ops)                    # [B, H, nt, T, Dv]
+    out = op.Reshape(out, _ints(0, 0, nt * t * t, ops.vdim))
+    out = op.Gather(out, _const(inverse), axis=2)                      # [B, H, h·w, Dv]
+    if prefix:
+        qp = op.Slice(ops.q, _ints(0), _ints(prefix), _ints(2))
+        sp = op.MatMul(qp, op.Transpose(ops.k, perm=[0, 1, 3, 2]))     # [B, H, P, L]
+        if ops.mask is not None:
+            mp = ops.mask if ops.key_only or _sparse._static_or_none(ops.mask, 2) == 1 \
+                else op.Slice(ops.mask, _ints(0), _ints(prefix), _ints(2))
+            sp = op.Add(sp, mp)
+        po = _sparse._onnx_softmax_out([(sp, ops.v)], ops)
+        out = op.Concat(po, out, axis=2)
+    return op.Cast(out, to=ops.dtype)
+
+
+def _onnx_tile_mask(ops: _sparse.OnnxOperands, qslots: np.ndarray, key: np.ndarray, nt: int,
+                    rows: int):
+    """The user's mask at the tiles' (query, key) positions: ``[Bm, Hm, nt, 1|T, Kc]``."""
+    m = ops.mask
+    lkm = _sparse._static_or_none(m, 3)
+    if ops.key_only:
+        if lkm == 1:
+            return op.Unsqueeze(m, _ints(2))
+        return op.Unsqueeze(op.Gather(op.Squeeze(m, _ints(2)), _const(key), axis=2), _ints(3))
+    rows_m = op.Reshape(op.Gather(m, _const(qslots), axis=2), _ints(0, 0, nt, rows, -1))
+    if lkm == 1:
+        return rows_m
+    return _sparse._onnx_gather_cols(rows_m, _const(key))
+
+
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _const(array: np.ndarray):
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
