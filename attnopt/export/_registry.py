@@ -18,12 +18,40 @@ Targets:
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import onnxscript
+from functools import cache
 
 ONNX_TARGETS = ("onnx", "onnxruntime")
 OPSET = 23
-MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+class _ContribOpset:
+    """``com.microsoft`` ops by attribute (``msft().MultiHeadAttention(...)``).
+
+    onnxscript and the torch exporter resolve ops through ONNX schemas, and the onnx package has
+    none for ONNX Runtime's contrib ops; the ones attnopt emits are registered here from their
+    documented signatures (onnxruntime docs/ContribOperators.md).
+    """
+
+    def __init__(self) -> None:
+        import onnxscript
+
+        _register_contrib_schemas()
+        self._opset = onnxscript.values.Opset("com.microsoft", 1)
+
+    def __getattr__(self, name: str):
+        return getattr(self._opset, name)
+
+
+@cache
+def msft() -> _ContribOpset:
+    """The ``com.microsoft`` opset (ONNX Runtime contrib ops), imported lazily."""
+    return _ContribOpset()
+
+
+def __getattr__(name: str):
+    if name == "MSFT":  # `from attnopt.export._registry import MSFT` keeps working
+        return msft()
+    raise AttributeError(name)
 
 _TRANSLATIONS: dict[tuple[object, str], Callable] = {}
 
@@ -45,3 +73,63 @@ def onnx_translation(op: object, *targets: str) -> Callable[[Callable], Callable
 def translation_table(target: str) -> dict[object, Callable]:
     """All registered translations for ``target``, keyed by op overload."""
     return {op: fn for (op, t), fn in _TRANSLATIONS.items() if t == target}
+
+
+# name -> (inputs as (name, type var, optional), outputs likewise, attributes as (name, type))
+_CONTRIB_SIGNATURES = {
+    "MultiHeadAttention": (
+        [("query", "T", False), ("key", "T", True), ("value", "T", True), ("bias", "T", True),
+         ("key_padding_mask", "M", True), ("attention_bias", "T", True),
+         ("past_key", "T", True), ("past_value", "T", True),
+         ("past_sequence_length", "M", True), ("cache_indirection", "M", True)],
+        [("output", "T", False)],  # present_key / present_value / qk are not used
+        [("num_heads", "INT"), ("scale", "FLOAT"), ("unidirectional", "INT"),
+         ("mask_filter_value", "FLOAT"), ("output_qk", "INT")],
+    ),
+    "GroupQueryAttention": (
+        [("query", "T", False), ("key", "T", True), ("value", "T", True),
+         ("past_key", "T", True), ("past_value", "T", True), ("seqlens_k", "M", False),
+         ("total_sequence_length", "M", False), ("cos_cache", "T", True),
+         ("sin_cache", "T", True), ("position_ids", "P", True), ("attention_bias", "T", True),
+         ("head_sink", "T", True)],
+        [("output", "T", False), ("present_key", "T", False), ("present_value", "T", False)],
+        [("num_heads", "INT"), ("kv_num_heads", "INT"), ("scale", "FLOAT"),
+         ("local_window_size", "INT"), ("do_rotary", "INT"), ("rotary_interleaved", "INT"),
+         ("smooth_softmax", "INT"), ("softcap", "FLOAT"), ("qk_output", "INT")],
+    ),
+}
+
+_TYPE_VARS = {
+    "T": ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+    "M": ["tensor(int32)"],
+    "P": ["tensor(int64)"],
+}
+
+
+@cache
+def _register_contrib_schemas() -> None:
+    """Register ONNX schemas for the contrib ops attnopt emits (no-op if already known)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    for name, (inputs, outputs, attrs) in _CONTRIB_SIGNATURES.items():
+        try:
+            onnx.defs.get_schema(name, 1, "com.microsoft")
+            continue
+        except onnx.defs.SchemaError:
+            pass
+
+        def params(items):
+            return [OpSchema.FormalParameter(
+                n, t, "", param_option=OpSchema.FormalParameterOption.Optional if opt
+                else OpSchema.FormalParameterOption.Single) for n, t, opt in items]
+
+        used = {t for _, t, _ in inputs + outputs}
+        schema = OpSchema(
+            name, "com.microsoft", 1,
+            inputs=params(inputs), outputs=params(outputs),
+            type_constraints=[(t, _TYPE_VARS[t], "") for t in sorted(used)],
+            attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, t), "")
+                        for a, t in attrs],
+        )
+        onnx.defs.register_schema(schema)

@@ -1,4 +1,4 @@
-"""Feature maps of linear attention: q, k ``[B, H, L, D]`` → φ(q), φ(k) ``[B, H, L, F]``, and their fit.
+"""Feature maps of linear attention: q, k ``[B, H, L, D]`` → φ(q), φ(k) ``[B, H, L, F]``; fit.
 
 Linear attention replaces ``softmax(s·q kᵀ)`` by ``φ(q) φ(k)ᵀ`` (normalised over the keys), so
 that ``φ(K)ᵀ V`` can be computed once, in O(N). This module holds the maps and nothing else:
@@ -98,11 +98,10 @@ def performer_omega(d: int, m: int, seed: int) -> torch.Tensor:
     of an independent Gaussian vector so that every column is marginally ``N(0, I)``.
     """
     gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(math.ceil(m / d)):
-        qmat, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-        blocks.append((qmat * torch.sign(torch.diagonal(r))).T)  # sign fix: Haar-uniform
-    rows = torch.cat(blocks)[:m]
+    gauss = torch.randn(math.ceil(m / d), d, d, generator=gen, dtype=torch.float64)
+    qmat, r = torch.linalg.qr(gauss)
+    qmat = qmat * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar-uniform
+    rows = qmat.transpose(-1, -2).reshape(-1, d)[:m]
     norms = torch.randn(m, d, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (rows * norms).T.contiguous().float()
 

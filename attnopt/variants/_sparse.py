@@ -1,4 +1,4 @@
-"""Shared blocked math of the sparse variants: dense scores → scores over the keys each block needs.
+"""Shared blocked math of the sparse variants: dense scores → scores over the keys a block needs.
 
 ``softmax(s·q kᵀ + mask) v`` restricted to a sparse pattern becomes, for every block of query
 rows, ``softmax(s·q_blk k_selᵀ + bias) v_sel`` over the ``Kc`` key columns that block needs
@@ -11,9 +11,12 @@ Constraints and guarantees:
     ``H % Hkv == 0``; mask None, bool (True = attend) or additive float, broadcastable to
     ``[B, H, Lq, Lk]`` (a key-padding mask ``[B, 1, 1, Lk]`` costs nothing extra);
   * no N×N tensor: the work is done in chunks of whole blocks whose scores fit in
-    :data:`CHUNK_BYTES`; per chunk one ``baddbmm`` per key segment (key blocks are strided
-    views of k where possible, gathered copies otherwise), an in-place softmax, one ``bmm`` per
-    segment. Time O(N·Kc·D), memory O(N·D) for the output plus a constant working set;
+    :data:`CHUNK_BYTES`; per chunk one ``bmm`` per key segment writing straight into its
+    columns of the chunk's score buffer (key blocks are strided views of k where possible,
+    gathered copies otherwise; keys shared by every block, like sinks, take one ``mm``), the
+    structural -inf applied only where the pattern needs it, an in-place softmax, one ``bmm``
+    per segment for ``P·V``. Time O(N·Kc·D), memory O(N·D) for the output plus a constant
+    working set;
   * GQA: with ``fold`` the query heads of a kv group are stacked as rows of the same block, so
     the group's keys are read once and k / v are never repeated;
   * rows that see no key at all (possible only through the user's mask) give 0, not NaN.
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from attnopt.sites import AttentionSite
 
 #: working-set budget of one chunk's scores (the key / value gathers add at most as much again).
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 #: mask values at or below this are "masked" (same threshold as the matcher's hard fill).
 HARD_FILL = -1.0e4
 NEG_INF = float("-inf")
@@ -94,20 +97,12 @@ def check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return m
 
 
-def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool (True = attend) or float mask as an additive float mask (0 / -inf for bool)."""
-    if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=dtype).masked_fill(~mask, NEG_INF) if mask.dim() == 0 \
-            else torch.where(mask, 0.0, NEG_INF).to(dtype)
-    return mask.to(dtype)
-
-
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype the blocked kernels compute in (fp32 for half types, else q's)."""
     return q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-# -- the reference -------------------------------------------------------------------------------
+# -- the reference ---------------------------------------------------------------------------------
 
 
 def reference_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -434,7 +429,7 @@ def gather_keys(c: Chunk, pos: torch.Tensor, name: str) -> tuple[torch.Tensor, t
 
 
 def strided_keys(c: Chunk, start: int, step: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the chunk's keys / values: block i reads ``[start + i·step, + width)`` (no copy)."""
+    """Views of the chunk's keys / values: block i reads ``[start + i·step, +width)``, no copy."""
     d, dv = c.k.shape[1], c.v.shape[1]
     k = c.k.as_strided((c.m, width, d), (step * d, d, 1), c.k.storage_offset() + start * d)
     v = c.v.as_strided((c.m, width, dv), (step * dv, dv, 1), c.v.storage_offset() + start * dv)
@@ -447,7 +442,7 @@ def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                                                                                   NEG_INF)
 
 
-# -- bands: sliding windows and streaming ------------------------------------------------------
+# -- bands: sliding windows and streaming ----------------------------------------------------------
 
 
 def band_block(reach: int) -> int:
@@ -467,8 +462,10 @@ class BandPlan:
     The band of query block s is the contiguous key range ``[s·b - lo, s·b + b + hi)``: for
     blocks whose range lies inside ``[sinks, Lk)`` it is a strided view of k (no copy), for the
     few blocks at the edges it is gathered and the positions outside the sequence get -inf.
-    With ``sinks > 0`` (streaming, causal) the sink keys ``j < sinks`` form a first segment
+    With ``sinks > 0`` (streaming, causal) the sink keys ``j < sinks`` form a second segment
     (visible when ``j <= i``), and the band only covers ``j >= sinks``, so no key counts twice.
+    Both segments are padded to a multiple of :data:`ALIGN` columns (the padding is -inf) so the
+    score rows and the band's columns stay aligned.
 
     Args:
         runner: the kernel (sizes, dtype, scratch buffers).
@@ -491,9 +488,9 @@ class BandPlan:
         self.block = block or band_block(lo + hi)
         self.block = min(self.block, 1 << max(0, (lq - 1).bit_length()))
         self.nblk = -(-lq // self.block)
-        # Extra columns past b + lo + hi are outside the pattern (-inf), kept for alignment.
-        self.band = round_up(self.sinks + self.block + self.lo + self.hi) - self.sinks
-        self.key_cols = self.sinks + self.band
+        self.band = round_up(self.block + self.lo + self.hi)
+        self.sink_cols = min(round_up(self.sinks), lk) if self.sinks else 0
+        self.key_cols = self.band + self.sink_cols
         self.lk = lk
         self._dtype = runner.dtype
         dev = runner.q.device
@@ -502,10 +499,11 @@ class BandPlan:
         d = c - r
         self._pattern = key_bias((d >= 0) & (d <= self.lo + self.hi), runner.dtype)
         b = self.block
-        # Blocks whose whole band lies inside [sinks, Lk): s·b - lo >= sinks, s·b - lo + band <= Lk.
+        # Blocks whose band lies inside [sinks, Lk): s·b - lo >= sinks, s·b - lo + band <= Lk.
         self._first = -(-(self.sinks + self.lo) // b)
         self._stop = (lk - self.band + self.lo) // b + 1
         self._offsets = torch.arange(self.band, device=dev)
+        self._sink_pos = torch.arange(self.sink_cols, device=dev)
 
     def chunks(self, max_blocks: int) -> Iterator[tuple[int, int]]:
         """Uniform chunks that never mix interior and edge blocks."""
@@ -519,23 +517,22 @@ class BandPlan:
         return starts[:, None] + self._offsets[None, :]
 
     def segments(self, c: Chunk) -> list[Segment]:
-        """Sink keys (expanded view), then the band (strided view or gathered)."""
-        segs = []
-        if self.sinks:
-            pos = torch.arange(self.sinks, device=self._offsets.device)[None, :]
-            segs.append(Segment(c.k[:self.sinks], c.v[:self.sinks], pos))
+        """The band (strided view or gathered), then the sink keys (shared by all blocks)."""
         pos = self._band_positions(c)
         clamped = pos.clamp(0, self.lk - 1)
         if self._interior(c):
             k, v = strided_keys(c, c.s0 * self.block - self.lo, self.block, self.band)
         else:
             k, v = gather_keys(c, clamped, "band")
-        segs.append(Segment(k, v, clamped))
+        segs = [Segment(k, v, clamped)]
+        if self.sink_cols:
+            w = self.sink_cols
+            segs.append(Segment(c.k[:w], c.v[:w], self._sink_pos[None, :]))
         return segs
 
     def bias(self, c: Chunk, s: torch.Tensor) -> None:
-        """Sinks: causal (``j <= i``); band: the band pattern, -inf outside ``[sinks, Lk)``."""
-        band = s[..., self.sinks:]
+        """Band: the band pattern, -inf outside ``[sinks, Lk)``; sinks: ``j < sinks, j <= i``."""
+        band = s[..., :self.band]
         if self._interior(c):
             # Inside the band only two triangles fall outside the pattern: columns c < r on the
             # left, c > r + lo + hi on the right (plus the alignment columns).
@@ -550,14 +547,18 @@ class BandPlan:
             valid = (pos >= self.sinks) & (pos < self.lk)
             band.add_(self._pattern)
             band.add_(key_bias(valid, self._dtype)[:, None, None, :])
-        if self.sinks and c.s0 * self.block < self.sinks - 1:
-            i = (torch.arange(c.s0 * self.block, c.s1 * self.block, device=s.device)
-                 .view(c.m, 1, self.block, 1))
-            j = torch.arange(self.sinks, device=s.device).view(1, 1, 1, -1)
-            s[..., :self.sinks].add_(key_bias(j <= i, self._dtype))
+        if self.sink_cols:
+            sink = s[..., self.band:]
+            if self.sink_cols > self.sinks:
+                sink[..., self.sinks:].fill_(NEG_INF)
+            if c.s0 * self.block < self.sinks - 1:
+                i = (torch.arange(c.s0 * self.block, c.s1 * self.block, device=s.device)
+                     .view(c.m, 1, self.block, 1))
+                j = torch.arange(self.sinks, device=s.device).view(1, 1, 1, -1)
+                sink[..., :self.sinks].add_(key_bias(j <= i, self._dtype))
 
 
-# -- sites -------------------------------------------------------------------------------------------
+# -- sites -----------------------------------------------------------------------------------------
 
 
 def site_is_causal(site: AttentionSite) -> bool:
@@ -588,7 +589,7 @@ def band_pairs(lq: int, lk: int, lo: int, hi: int) -> int:
     return int((last - first + 1).clamp(min=0).sum())
 
 
-# -- ONNX building blocks -------------------------------------------------------------------------
+# -- ONNX building blocks --------------------------------------------------------------------------
 #
 # The decompositions below use standard opset-23 ops only. Sequence lengths may be dynamic; head
 # counts and head sizes must be static. Every score tensor is ``[B, H, nblk, rows, Kc]`` with Kc

@@ -69,7 +69,7 @@ class BlockTopK(Variant):
             raise ConfigError(f"k must be an int >= 0 (e.g. 8), got {self.k!r}")
 
 
-# -- routing ----------------------------------------------------------------------------------------
+# -- routing ---------------------------------------------------------------------------------------
 
 
 def _block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -166,7 +166,7 @@ def topk_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, bl
     return pattern
 
 
-# -- the op -------------------------------------------------------------------------------------
+# -- the op ----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("attnopt::block_topk", mutates_args=())
@@ -279,7 +279,7 @@ class _TopKPlan:
             s[..., :self.block].add_(self._triangle)
 
 
-# -- the implementation ---------------------------------------------------------------------------
+# -- the implementation ----------------------------------------------------------------------------
 
 
 def topk_pairs(lq: int, lk: int, block: int, topk: int, causal: bool, own_block: bool) -> int:
@@ -310,6 +310,9 @@ class BlockTopKImpl:
             return ("causal cross attention: a query block has no own key block to keep the "
                     "causal order; block top-k supports causal self attention and non-causal "
                     "cross attention")
+        if site.kind != "self" and config.k == 0:
+            return ("cross attention has no own block: k = 0 would attend to nothing; use "
+                    "k >= 1")
         return None
 
     def emit(self, config: BlockTopK, graph: Graph, ops: SiteOperands,

@@ -118,3 +118,66 @@ class FusedImpl:
 
     def density(self, config: Fused, site: AttentionSite) -> float:
         return 1.0
+
+
+# -- ONNX lowerings --------------------------------------------------------------------------------
+
+from attnopt.export._registry import msft, onnx_translation  # noqa: E402
+
+
+@onnx_translation(torch.ops.attnopt.attention.default, "onnx")
+def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float):
+    """Standard ONNX ``Attention`` (opset 23): 4-D BNSH, GQA from the shapes, mask + causal."""
+    from onnxscript import opset23 as op
+
+    from attnopt.export._onnx_ops import expand_query_dim, needs_query_expand, to_rank4
+
+    if attn_mask is not None:
+        expand = needs_query_expand(attn_mask)
+        attn_mask = to_rank4(attn_mask)
+        if expand:
+            attn_mask = expand_query_dim(attn_mask, q)
+    return op.Attention(q, k, v, attn_mask, is_causal=int(is_causal), scale=float(scale))[0]
+
+
+@onnx_translation(torch.ops.attnopt.attention.default, "onnxruntime")
+def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
+    """ONNX Runtime contrib ops: ``GroupQueryAttention`` for causal unmasked GQA, otherwise
+    ``MultiHeadAttention`` (flash-style on CPU; kv heads repeated for GQA with a mask).
+
+    Falls back to the standard ``Attention`` op when the head counts are not static.
+    """
+    from onnxscript import opset23 as op
+
+    from attnopt.export import _onnx_ops as ox
+
+    heads, kv_heads, dv = ox.static_dim(q, 1), ox.static_dim(k, 1), ox.static_dim(v, 3)
+    if heads is None or kv_heads is None or dv is None:
+        return attention_onnx(q, k, v, attn_mask, is_causal, scale)
+    ms = msft()
+    if kv_heads != heads and is_causal and attn_mask is None:
+        lq = op.Shape(q, start=2, end=3)
+        total = op.Cast(op.Squeeze(lq), to=6)  # int32 scalar
+        seqlens = op.Cast(op.Expand(op.Sub(lq, op.Constant(value_ints=[1])),
+                                    op.Shape(q, start=0, end=1)), to=6)
+        out = ms.GroupQueryAttention(
+            ox.bnsh_to_bsd(q), ox.bnsh_to_bsd(k), ox.bnsh_to_bsd(v), None, None, seqlens, total,
+            num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
+        )[0]
+        return ox.bsd_to_bnsh(out, heads)
+    if kv_heads != heads:
+        k = ox.repeat_heads(k, heads // kv_heads)
+        v = ox.repeat_heads(v, heads // kv_heads)
+    bias = None
+    if attn_mask is not None:
+        expand = ox.needs_query_expand(attn_mask)
+        bias = ox.to_rank4(ox.additive(attn_mask, q))
+        if expand:
+            bias = ox.expand_query_dim(bias, q)
+    out = ms.MultiHeadAttention(
+        ox.bnsh_to_bsd(q), ox.bnsh_to_bsd(k), ox.bnsh_to_bsd(v), None, None, bias,
+        num_heads=heads, scale=float(scale), unidirectional=int(is_causal),
+    )
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return ox.bsd_to_bnsh(out, heads)

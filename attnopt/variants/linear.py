@@ -12,9 +12,10 @@ feature map φ (see ``_feature_maps``: elu+1, relu, performer, taylor, learned).
     whole blocks (features computed per chunk, state carried), so peak memory does not grow with N;
   * GQA: query heads are grouped onto their kv head (``[B, Hkv, G·L, F]``), no K/V repetition;
   * masks: only key-padding masks (a bool or additive float mask that varies along batch and
-    keys only, broadcastable to ``[B, 1, 1, Lk]``). They become key weights ``w_j`` (0 for a masked
-    key, ``exp(bias)`` for a finite additive key bias) multiplying ``φ(k_j)``, so masked keys drop out
-    of both the numerator and the normaliser. Other masks and biases are refused with a reason;
+    keys only, broadcastable to ``[B, 1, 1, Lk]``). They become key weights ``w_j`` (0 for a
+    masked key, ``exp(bias)`` for a finite additive key bias) multiplying ``φ(k_j)``, so masked
+    keys drop out of both the numerator and the normaliser. Other masks and biases are refused
+    with a reason;
   * cross attention: non-causal only (causal needs ``Lq == Lk``).
 
 The ONNX lowering (targets ``onnx`` and ``onnxruntime``) is a decomposition into standard opset-23
@@ -238,7 +239,8 @@ def _ones_col(v: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_len(per_token: int, multiple: int) -> int:
-    """Tokens per chunk: within ``CHUNK_BYTES``, at least ``MIN_CHUNK``, a multiple of ``multiple``."""
+    """Tokens per chunk: within ``CHUNK_BYTES``, at least ``MIN_CHUNK``, a multiple of
+    ``multiple``."""
     n = max(MIN_CHUNK, CHUNK_BYTES // max(per_token, 1))
     return max(multiple, n // multiple * multiple)
 
@@ -421,6 +423,8 @@ class LinearImpl:
                     "supported non-causal only")
         if config.feature_map == "learned" and (site.heads is None or site.kv_heads is None):
             return "the learned feature map is per head, and the site's head layout is unknown"
+        if site.head_dim is None and config.feature_map in ("learned", "performer"):
+            return f"the {config.feature_map} feature map needs the site's head dim"
         if site.head_dim is not None:
             d = _projection_dim(config, site.head_dim)
             fdim = fm.feature_dim(config.feature_map, d, config.features)
@@ -570,10 +574,12 @@ def _onnx_map(x, name: str, in_dim: int):
     if name == "relu":
         return op.Relu(x)
     if name == "taylor":
-        i, j, coef = fm.taylor_pairs(in_dim)
-        quad = op.Mul(op.Mul(op.Gather(x, _const(i.numpy()), axis=-1),
-                             op.Gather(x, _const(j.numpy()), axis=-1)),
-                      _const(coef.numpy().astype(np.float32)))
+        # Upper triangle row by row (x_r · x[r:]), as in torch: Slice + Mul, no Gather (ORT's
+        # CPU Gather along the last axis is ~50x slower here).
+        _, _, coef = fm.taylor_pairs(in_dim)
+        rows = [op.Mul(op.Slice(x, _ints(r), _ints(r + 1), _ints(-1)),
+                       op.Slice(x, _ints(r), _ints(in_dim), _ints(-1))) for r in range(in_dim)]
+        quad = op.Mul(op.Concat(*rows, axis=-1), _const(coef.numpy().astype(np.float32)))
         ones = op.ConstantOfShape(op.Concat(op.Shape(x, end=-1), _ints(1), axis=0),
                                   value=ir.tensor(np.array([1.0], dtype=np.float32)))
         return op.Concat(ones, x, quad, axis=-1)

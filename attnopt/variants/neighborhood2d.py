@@ -24,8 +24,8 @@ dense SDPA call over all keys.
 
 ONNX: no ORT CPU kernel implements neighborhood attention; both targets use a gather-based
 decomposition: constant tile / region index tables (the grid is static), ``Gather`` of the regions,
-the separable bias, batched attention per tile, and a ``ScatterElements``-free inverse permutation
-back to token order.
+the separable bias, batched attention per tile, and a ``Gather`` with the inverse permutation back
+to token order (the sequence length must be static).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def grid_tiles(length: int, grid: tuple[int, int], kernel: int, dilation: int,
         _sparse.key_bias(ty.allowed, torch.float32), _sparse.key_bias(tx.allowed, torch.float32))
 
 
-# -- the op -------------------------------------------------------------------------------------
+# -- the op ----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("attnopt::neighborhood2d", mutates_args=())
@@ -332,7 +332,7 @@ class _TilePlan:
             s[..., self.used:].fill_(_sparse.NEG_INF)
 
 
-# -- the implementation ---------------------------------------------------------------------------
+# -- the implementation ----------------------------------------------------------------------------
 
 
 def infer_grid(site: AttentionSite) -> tuple[tuple[int, int] | None, str]:

@@ -76,7 +76,7 @@ def band_reach(window: int, causal: bool) -> tuple[int, int]:
     return (window - 1, 0) if causal else (window, window)
 
 
-# -- the op -------------------------------------------------------------------------------------
+# -- the op ----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("attnopt::sliding_window", mutates_args=())
@@ -131,7 +131,7 @@ def reference_sliding_window(q, k, v, attn_mask=None, window: int = 1, causal: b
     return _sparse.reference_sparse(q, k, v, attn_mask, allowed, scale)
 
 
-# -- the implementation ---------------------------------------------------------------------------
+# -- the implementation ----------------------------------------------------------------------------
 
 
 def resolve_causal(config: SlidingWindow, site: AttentionSite) -> tuple[bool, str | None]:

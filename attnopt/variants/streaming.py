@@ -60,7 +60,7 @@ class Streaming(Variant):
             raise ConfigError(f"window must be a positive int (e.g. 1024), got {self.window!r}")
 
 
-# -- the op -------------------------------------------------------------------------------------
+# -- the op ----------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("attnopt::streaming", mutates_args=())
@@ -124,7 +124,7 @@ def streaming_pairs(lq: int, lk: int, sinks: int, window: int) -> int:
     return int((sink + recent).sum())
 
 
-# -- the implementation ---------------------------------------------------------------------------
+# -- the implementation ----------------------------------------------------------------------------
 
 
 @register(Streaming)

@@ -1,0 +1,103 @@
+"""onnxscript building blocks shared by the ONNX translations of attnopt ops.
+
+Translations receive tensors as onnxscript values whose ``.shape`` / ``.dtype`` are known at
+translation time (dims may be symbolic); everything here keeps symbolic dims symbolic by reading
+sizes with ``Shape`` at run time instead of baking them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxscript import opset23 as op
+
+FLOAT_MIN = -3.4028234663852886e38
+
+
+def static_dim(x: Any, i: int) -> int | None:
+    """Dim ``i`` of ``x`` when it is a known integer at translation time, else None."""
+    try:
+        d = x.shape[i]
+    except (TypeError, IndexError, AttributeError):
+        return None
+    return d if isinstance(d, int) else None
+
+
+def rank(x: Any) -> int | None:
+    """Rank of ``x`` at translation time, when known."""
+    try:
+        return len(x.shape)
+    except (TypeError, AttributeError):
+        return None
+
+
+def is_bool(x: Any) -> bool:
+    """True when ``x`` is a boolean tensor."""
+    import onnx_ir as ir
+
+    return getattr(x, "dtype", None) == ir.DataType.BOOL
+
+
+def bnsh_to_bsd(x):
+    """``[B, N, S, H]`` → ``[B, S, N*H]`` (the packed layout of ORT contrib ops)."""
+    t = op.Transpose(x, perm=[0, 2, 1, 3])
+    return op.Reshape(t, op.Constant(value_ints=[0, 0, -1]))
+
+
+def bsd_to_bnsh(x, heads: int):
+    """``[B, S, N*H]`` → ``[B, N, S, H]``."""
+    t = op.Reshape(x, op.Constant(value_ints=[0, 0, heads, -1]))
+    return op.Transpose(t, perm=[0, 2, 1, 3])
+
+
+def to_rank4(mask):
+    """Prepend size-1 dims until ``mask`` is 4-D (broadcasting from the right)."""
+    r = rank(mask)
+    if r is None or r >= 4:
+        return mask
+    return op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - r))))
+
+
+def needs_query_expand(mask) -> bool:
+    """True when a mask broadcasts over queries (``[.., 1, Lk]``); ORT kernels need it full."""
+    r = rank(mask)
+    return r is not None and (r < 2 or static_dim(mask, -2) == 1)
+
+
+def expand_query_dim(mask, q):
+    """Broadcast a 4-D mask's query dim to q's length (``[.., 1, Lk]`` → ``[.., Lq, Lk]``)."""
+    lq = op.Shape(q, start=2, end=3)
+    one = op.Constant(value_ints=[1])
+    return op.Expand(mask, op.Concat(one, one, lq, one, axis=0))
+
+
+def additive(mask, dtype_like):
+    """A float additive mask from a bool (True = attend) or float mask, in q's dtype."""
+    if is_bool(mask):
+        zero = op.CastLike(op.Constant(value_float=0.0), dtype_like)
+        neg = op.CastLike(op.Constant(value_float=float("-inf")), dtype_like)
+        return op.Where(mask, zero, neg)
+    return op.CastLike(mask, dtype_like)
+
+
+def repeat_heads(x, rep: int):
+    """Repeat kv heads of ``[B, Hkv, S, D]`` ``rep`` times each (GQA → MHA layout)."""
+    if rep == 1:
+        return x
+    u = op.Unsqueeze(x, op.Constant(value_ints=[2]))
+    shape = op.Shape(u)
+    target = op.Concat(
+        op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2])),
+        op.Constant(value_ints=[rep]),
+        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[5])),
+        axis=0,
+    )
+    e = op.Expand(u, target)
+    xs = op.Shape(x)
+    out_shape = op.Concat(
+        op.Slice(xs, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
+        op.Constant(value_ints=[-1]),
+        op.Slice(xs, op.Constant(value_ints=[2]), op.Constant(value_ints=[4])),
+        axis=0,
+    )
+    return op.Reshape(e, out_shape)
