@@ -8,6 +8,7 @@
 
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
+from attnopt.export.onnx import ExportResult, export_onnx
 from attnopt.errors import (
     AttnoptError,
     CaptureError,
@@ -29,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ExportError",
+    "ExportResult",
     "Fused",
     "OptimizedModel",
     "Report",
@@ -36,6 +38,7 @@ __all__ = [
     "ValidationError",
     "Variant",
     "VariantNotApplicableError",
+    "export_onnx",
     "find_attention",
     "optimize",
 ]

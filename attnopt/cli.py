@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("optimize", help="fuse every attention, verify, print the report")
     common(sp)
     sp.set_defaults(func=_optimize)
+
+    sp = sub.add_parser("export", help="optimize, export to ONNX, validate in onnxruntime")
+    common(sp)
+    sp.add_argument("-o", "--out", default="out", help="output directory (default ./out)")
+    sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"],
+                    help="onnxruntime: contrib attention ops; onnx: standard Attention")
+    sp.add_argument("--no-fuse", action="store_true", help="skip standard non-attention fusions")
+    sp.set_defaults(func=_export)
     return p
 
 
@@ -89,6 +98,29 @@ def _optimize(args) -> int:
     print(fast.report.table())
     _expectation(built, len(fast.report.rows))
     _write_json(args, fast.report)
+    return 0
+
+
+def _export(args) -> int:
+    import attnopt
+
+    built = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.spec.split(":", 1)[-1]) or "model"
+    path = out / f"{name}.{args.target}.onnx"
+    _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
+    fast = attnopt.optimize(built.model, built.inputs, attnopt.Config(dynamic=not args.static))
+    fast.report.model = built.description
+    print(fast.report.table())
+    _step(f"exporting to {path} (target {args.target}) and validating in onnxruntime")
+    res = attnopt.export_onnx(fast, built.inputs, path, target=args.target,
+                              dynamic=not args.static, fuse=not args.no_fuse)
+    print(res.report.table())
+    print(f"wrote {res.path}")
+    if args.json:
+        data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
 
 

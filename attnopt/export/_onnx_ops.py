@@ -50,9 +50,9 @@ def bsd_to_bnsh(x, heads: int):
     return op.Transpose(t, perm=[0, 2, 1, 3])
 
 
-def to_rank4(mask):
-    """Prepend size-1 dims until ``mask`` is 4-D (broadcasting from the right)."""
-    r = rank(mask)
+def to_rank4(mask, r: int | None = None):
+    """Prepend size-1 dims until ``mask`` (of rank ``r``, read from it if not given) is 4-D."""
+    r = rank(mask) if r is None else r
     if r is None or r >= 4:
         return mask
     return op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - r))))

@@ -129,7 +129,7 @@ def _register_contrib_schemas() -> None:
             name, "com.microsoft", 1,
             inputs=params(inputs), outputs=params(outputs),
             type_constraints=[(t, _TYPE_VARS[t], "") for t in sorted(used)],
-            attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, t), "")
-                        for a, t in attrs],
+            attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, t), "",
+                                           required=False) for a, t in attrs],
         )
         onnx.defs.register_schema(schema)

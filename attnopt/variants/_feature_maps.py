@@ -178,7 +178,10 @@ def _performer_logits(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
 
 def _elementwise_map(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "elu":
-        return F.elu(x).add_(1.0)
+        # elu(x) + 1 = exp(min(x, 0)) + max(x, 0): faster than F.elu (no expm1) on CPU.
+        if x.requires_grad and torch.is_grad_enabled():
+            return x.clamp_max(0).exp() + x.clamp_min(0)
+        return x.clamp_max(0).exp_().add_(x.clamp_min(0))
     if name == "relu":
         return F.relu(x)
     if name == "taylor":

@@ -28,7 +28,6 @@ block-wise decompositions.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript
 import torch
 from onnxscript import opset23 as op
 
@@ -250,7 +248,7 @@ class BlockedRunner:
         return buf[:n].view(shape)
 
     def run(self, plan: Plan, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Compute the plan's attention; return ``[B, H, Lq, Dv]`` (in q's dtype).
+        """Compute the plan's attention; return ``[B, H, Lq, Dv]`` in the compute dtype.
 
         Args:
             plan: the variant's plan.
@@ -821,34 +819,6 @@ def gqa_fits(q: Any, k: Any, v: Any) -> bool:
     return lq == lk and lq <= GQA_MAX_LEN and d == dv and h % hkv == 0
 
 
-@functools.lru_cache(maxsize=1)
-def _gqa_op() -> Any:
-    """``com.microsoft.GroupQueryAttention`` as an onnxscript op (ONNX has no schema for it)."""
-    from onnx.defs import OpSchema
-
-    from attnopt.export._registry import MSFT
-
-    param = OpSchema.FormalParameter
-    opt = OpSchema.FormalParameterOption.Optional
-    attr = OpSchema.Attribute
-    schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[param("query", "T"), param("key", "T", param_option=opt),
-                param("value", "T", param_option=opt), param("past_key", "T", param_option=opt),
-                param("past_value", "T", param_option=opt), param("seqlens_k", "M"),
-                param("total_sequence_length", "M")],
-        outputs=[param("output", "T"), param("present_key", "T", param_option=opt),
-                 param("present_value", "T", param_option=opt)],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float types"),
-                          ("M", ["tensor(int32)"], "int32")],
-        attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
-                    attr("kv_num_heads", OpSchema.AttrType.INT, "kv heads"),
-                    attr("local_window_size", OpSchema.AttrType.INT, "window", required=False),
-                    attr("scale", OpSchema.AttrType.FLOAT, "scale", required=False)],
-    )
-    return onnxscript.values.Op(MSFT, "GroupQueryAttention", schema)
-
-
 def onnx_gqa_local(q: Any, k: Any, v: Any, *, window: int, scale: float) -> Any:
     """Causal local attention as ``com.microsoft.GroupQueryAttention(local_window_size)``.
 
@@ -857,6 +827,8 @@ def onnx_gqa_local(q: Any, k: Any, v: Any, *, window: int, scale: float) -> Any:
     Inputs are ``[B, S, H·D]``; without a past cache ``seqlens_k = S - 1`` for every batch row and
     ``total_sequence_length = S``.
     """
+    from attnopt.export._registry import msft
+
     h, s, d = (_static(q, a, "size") for a in (1, 2, 3))
     hkv = _static(k, 1, "kv head count")
     dtype = q.dtype
@@ -865,7 +837,8 @@ def onnx_gqa_local(q: Any, k: Any, v: Any, *, window: int, scale: float) -> Any:
     batch = op.Shape(q3, start=0, end=1)
     seqlens = op.Expand(op.Constant(value=ir.tensor(np.array([s - 1], dtype=np.int32))), batch)
     total = op.Constant(value=ir.tensor(np.array(s, dtype=np.int32)))
-    out = _gqa_op()(q3, k3, v3, None, None, seqlens, total, num_heads=h, kv_num_heads=hkv,
-                    local_window_size=window, scale=float(scale))[0]
+    out = msft().GroupQueryAttention(q3, k3, v3, None, None, seqlens, total, num_heads=h,
+                                     kv_num_heads=hkv, local_window_size=window,
+                                     scale=float(scale))[0]
     out = op.Transpose(op.Reshape(out, _ints(0, 0, h, d)), perm=[0, 2, 1, 3])
     return op.Cast(out, to=dtype)

@@ -33,6 +33,10 @@ class Fused(Variant):
     name = "fused"
     exact = True
 
+    def describe(self) -> str:
+        """Report label."""
+        return "fused"
+
 
 @torch.library.custom_op("attnopt::attention", mutates_args=())
 def attention(
@@ -171,7 +175,7 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
     bias = None
     if attn_mask is not None:
         expand = ox.needs_query_expand(attn_mask)
-        bias = ox.to_rank4(ox.additive(attn_mask, q))
+        bias = ox.to_rank4(ox.additive(attn_mask, q), ox.rank(attn_mask))
         if expand:
             bias = ox.expand_query_dim(bias, q)
     out = ms.MultiHeadAttention(

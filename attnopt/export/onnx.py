@@ -1,0 +1,454 @@
+"""ONNX export: optimized model → validated ``.onnx`` file (ONNX Runtime or standard ONNX).
+
+    rewritten ExportedProgram ──torch.onnx.export(dynamo, opset 23, attnopt translations)──▶
+    ONNX model ──standard fusions (onnxscript; layer norms, GELU)──▶ checker ──▶ onnxruntime
+    parity on the example inputs and on inputs of another batch size / length ──▶ file
+
+Each attnopt op lowers through the translation registered for the target
+(``attnopt.export._registry``), so every attention site becomes one attention operator. The
+file is written under a temporary name and moved into place only after validation: a failed
+export never leaves a half-written ``.onnx`` behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from attnopt._inputs import Inputs
+from attnopt.errors import ConfigError, ExportError, ValidationError
+from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
+from attnopt.verify import ErrorStats, compare
+
+log = logging.getLogger("attnopt.export")
+
+ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "SparseAttention"}
+_MAIN_OPS_SKIP = {"Constant", "Shape", "Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape",
+                  "Transpose", "Cast", "CastLike", "Expand", "Gather", "Sub", "Identity"}
+
+
+@dataclass
+class ExportedSite:
+    """How one attention site looks in the ONNX graph."""
+
+    index: int
+    location: str
+    variant: str
+    ops: list[str]
+    attention_op: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"index": self.index, "location": self.location, "variant": self.variant,
+                "ops": self.ops, "attention_op": self.attention_op}
+
+
+@dataclass
+class ExportReport:
+    """What the export produced and how well it matches torch."""
+
+    target: str
+    opset: int
+    sites: list[ExportedSite] = field(default_factory=list)
+    parity: dict[str, ErrorStats] = field(default_factory=dict)
+    tolerance: float = 1e-4
+    file_size: int = 0
+    fusions: dict[str, int] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_error(self) -> float:
+        """Worst parity error over every validated input set."""
+        return max((e.rel for e in self.parity.values()), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "target": self.target, "opset": self.opset,
+            "sites": [s.to_dict() for s in self.sites],
+            "parity": {k: v.to_dict() for k, v in self.parity.items()},
+            "max_error": self.max_error, "tolerance": self.tolerance,
+            "file_size": self.file_size, "fusions": self.fusions, "op_counts": self.op_counts,
+            "notes": self.notes, "timings_s": self.timings,
+        }
+
+    def table(self) -> str:
+        """A text rendering."""
+        lines = [f"ONNX export (target {self.target}, opset {self.opset}): "
+                 f"{self.file_size / 1e6:.1f} MB"]
+        for s in self.sites:
+            op = s.attention_op or "decomposed: " + ",".join(s.ops[:6])
+            lines.append(f"  site {s.index} {s.location}: {s.variant} -> {op}")
+        if self.fusions:
+            lines.append("  standard fusions: " + ", ".join(
+                f"{k}={v}" for k, v in self.fusions.items() if v))
+        for name, err in self.parity.items():
+            lines.append(f"  onnxruntime vs torch on {name}: {err.rel:.2e} "
+                         f"(tolerance {self.tolerance:.0e})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclass
+class ExportResult:
+    """A validated ONNX file and its report."""
+
+    path: Path
+    target: str
+    input_names: list[str]
+    output_names: list[str]
+    report: ExportReport
+
+    def session(self, providers: list[str] | None = None, **options: Any):
+        """An ``onnxruntime.InferenceSession`` on the file.
+
+        Providers default to the best available of CUDA (for ``onnxruntime-gpu``) and CPU.
+        """
+        import onnxruntime as ort
+
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                         if p in available]
+        so = ort.SessionOptions()
+        for k, v in options.items():
+            setattr(so, k, v)
+        return ort.InferenceSession(str(self.path), so, providers=providers)
+
+    def feed(self, inputs: Any) -> dict[str, Any]:
+        """Map model inputs (tuple / dict, as given to the model) to a session feed."""
+        from attnopt._inputs import normalize
+
+        return _feed(self.input_names, normalize(inputs))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    target: str = "onnxruntime",
+    dynamic: bool = True,
+    fuse: bool = True,
+    validate: bool = True,
+    tolerance: float | None = None,
+    config: Any = None,
+) -> ExportResult:
+    """Export an optimized model (or optimize a plain one first) to a validated ONNX file.
+
+    Args:
+        model: an :class:`attnopt.OptimizedModel`, or any module (optimized with ``config``).
+        example_inputs: the inputs it was optimized with (tuple or dict).
+        path: the ``.onnx`` file to write (its directory must exist and be writable).
+        target: ``"onnxruntime"`` (contrib attention ops, flash-style on CPU) or ``"onnx"``
+            (standard ONNX ``Attention``, opset 23).
+        dynamic: keep batch / sequence axes dynamic (as captured); False exports static shapes.
+        fuse: apply the standard non-attention fusions (layer norm, GELU) for the target.
+        validate: run ``onnx.checker`` and onnxruntime parity checks (strongly recommended).
+        tolerance: max parity error (relative to the output's scale); default 1e-4 (fp32).
+        config: an :class:`attnopt.Config` used when ``model`` is not optimized yet.
+
+    Returns:
+        An :class:`ExportResult`; ``result.session()`` opens it in onnxruntime.
+
+    Raises:
+        ConfigError: unknown target, unwritable path.
+        ExportError: the exporter failed (the message names the failing op).
+        ValidationError: parity with torch broke (the message names the site when it can).
+    """
+    from attnopt.api import OptimizedModel, optimize
+
+    if target not in ONNX_TARGETS:
+        raise ConfigError(f"unknown export target {target!r}; choose one of {ONNX_TARGETS} "
+                          "(TensorRT engines are built from the 'onnx' target's file)")
+    path = Path(path)
+    _check_writable(path)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fast = model if isinstance(model, OptimizedModel) else optimize(model, example_inputs, config)
+    timings["optimize"] = round(time.perf_counter() - t0, 3)
+    report = ExportReport(target=target, opset=OPSET, tolerance=tolerance or 1e-4,
+                          timings=timings)
+    if not fast.report.rows:
+        report.notes.append("the model has no attention: exported as is")
+    t0 = time.perf_counter()
+    program = fast.exported_program() if dynamic else _static_program(fast)
+    timings["capture"] = round(time.perf_counter() - t0, 3)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        t0 = time.perf_counter()
+        onnx_model, input_names, output_names = _convert(program, fast, target)
+        timings["export"] = round(time.perf_counter() - t0, 3)
+        if validate:
+            _check(onnx_model, tmp)
+        if fuse:
+            t0 = time.perf_counter()
+            onnx_model, report.fusions = _standard_fusions(onnx_model, target)
+            timings["fuse"] = round(time.perf_counter() - t0, 3)
+        _save(onnx_model, tmp)
+        if validate and target == "onnx":
+            _check_file(tmp)
+        report.sites = _sites_in_graph(tmp, fast)
+        report.notes.append(_axes_note(tmp))
+        report.op_counts = dict(Counter(n.op_type for n in _load_nodes(tmp)))
+        if validate:
+            t0 = time.perf_counter()
+            _validate(tmp, fast, input_names, report, dynamic)
+            timings["validate"] = round(time.perf_counter() - t0, 3)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    report.file_size = path.stat().st_size
+    log.info("exported %s (%s, %.1f MB)", path, target, report.file_size / 1e6)
+    return ExportResult(path, target, input_names, output_names, report)
+
+
+# -- steps -----------------------------------------------------------------------------------------
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; pass a file path such as {path / 'model.onnx'}")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _static_program(fast) -> torch.export.ExportedProgram:
+    inputs = fast.example_inputs
+    return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
+
+
+def _convert(program, fast, target: str):
+    output_names = _output_names(fast)
+    try:
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+            custom_translation_table=translation_table(target), output_names=output_names,
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with a readable summary
+        raise ExportError(f"torch.onnx.export failed for target {target!r}: "
+                          f"{_summarize_exporter_error(e)}") from e
+    model = onnx_program.model
+    _fix_static_dims(model)
+    input_names = [v.name for v in model.graph.inputs]
+    return model, input_names, [v.name for v in model.graph.outputs]
+
+
+def _fix_static_dims(model) -> None:
+    """Write static input/output dims as numbers: the exporter can leave them as names ("3")."""
+    import onnx_ir as ir
+
+    for v in [*model.graph.inputs, *model.graph.outputs]:
+        if v.shape is None:
+            continue
+        dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and d.value and d.value.isdigit()
+                else d for d in v.shape]
+        v.shape = ir.Shape(dims)
+
+
+def _output_names(fast) -> list[str] | None:
+    """HF-style output names (``last_hidden_state``, ``logits``...) from the output structure."""
+    with torch.no_grad():
+        out = fast.example_inputs.call(fast.graph_module)
+    leaves = pytree.tree_flatten_with_path(out)[0]
+    names = []
+    for keypath, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        name = "_".join(re.sub(r"[^A-Za-z0-9_]", "", str(k)) or "out" for k in keypath)
+        names.append(name or "output")
+    if len(set(names)) != len(names):
+        return None
+    return names or None
+
+
+def _standard_fusions(model, target: str):
+    """Non-attention fusions by maintained rewriters (onnxscript), per target."""
+    import onnxscript.optimizer
+
+    counts: dict[str, int] = {}
+    onnxscript.optimizer.optimize(model)  # constant folding, dead code
+    if target == "onnxruntime":
+        from onnxscript.rewriter import ort_fusions
+
+        model, counts = ort_fusions.optimize_for_ort(model)
+        counts = {k: int(v) for k, v in counts.items() if v}
+    return model, counts
+
+
+def _save(model, path: Path) -> None:
+    import onnx_ir as ir
+
+    ir.save(model, str(path))
+
+
+def _load_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
+def _axes_note(path: Path) -> str:
+    """Which input axes are dynamic in the file (axes the model cannot vary are static)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dyn, static = [], []
+    for v in graph.input:
+        dims = v.type.tensor_type.shape.dim
+        d = [i for i, x in enumerate(dims) if x.dim_param]
+        st = [f"{i}={x.dim_value}" for i, x in enumerate(dims) if not x.dim_param]
+        if d:
+            dyn.append(f"{v.name}{d}")
+        if st:
+            static.append(f"{v.name}[{', '.join(st)}]")
+    return ("dynamic axes: " + (", ".join(dyn) or "none")
+            + ("; fixed by the model: " + ", ".join(static) if static else ""))
+
+
+def _sites_in_graph(path: Path, fast) -> list[ExportedSite]:
+    """Group the ONNX nodes by the attnopt op node (fx name) they were translated from."""
+    by_fx: dict[str, list[str]] = {}
+    for n in _load_nodes(path):
+        fx = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
+        m = re.match(r"%(\S+) : .*target=torch\.ops\.attnopt\.", fx)
+        if m:
+            by_fx.setdefault(m.group(1), []).append(n.op_type)
+    program = fast.exported_program()
+    op_nodes = [n.name for n in program.graph.nodes
+                if n.op == "call_function" and str(n.target).startswith("attnopt.")]
+    rows = [r for r in fast.report.rows if r.outcome in ("fused", "rewritten")]
+    out = []
+    for row, fx_name in zip(rows, op_nodes):
+        ops = by_fx.get(fx_name, [])
+        attn = next((o for o in ops if o in ATTENTION_OPS), None)
+        main = [o for o in dict.fromkeys(ops) if o not in _MAIN_OPS_SKIP]
+        out.append(ExportedSite(row.site.index, row.site.location, row.variant or "", main, attn))
+    return out
+
+
+def _validate(path: Path, fast, input_names: list[str], report: ExportReport,
+              dynamic: bool) -> None:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnxruntime cannot load the exported model: {e}") from e
+    sets = fast._captured.input_sets() if dynamic else [fast.example_inputs]
+    names = ["example inputs", "resized inputs"]
+    for name, inputs in zip(names, sets):
+        with torch.no_grad():
+            ref = inputs.call(fast.graph_module)
+        ref_leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+        outs = sess.run(None, _feed(input_names, inputs))
+        err = compare(ref_leaves, [torch.from_numpy(o) for o in outs])
+        report.parity[f"{name} {inputs.describe()}"] = err
+        if err.rel > report.tolerance:
+            where = _diagnose(path, fast, inputs, input_names, report.tolerance)
+            raise ValidationError(
+                f"onnxruntime output differs from torch on {name}: error {err.rel:.2e} > "
+                f"tolerance {report.tolerance:.0e}{where}", error=err.rel,
+                tolerance=report.tolerance, where=name)
+
+
+def _check(model, tmp: Path) -> None:
+    """``onnx.checker`` (full check, shape inference included) on the exported graph.
+
+    For the onnxruntime target this runs before the standard fusions: they introduce ORT ops
+    (e.g. ``SimplifiedLayerNormalization``) that ORT registers in the ONNX domain and the onnx
+    checker does not know; the fused file is validated by loading and running it in ORT.
+    """
+    _save(model, tmp)
+    _check_file(tmp)
+
+
+def _check_file(path: Path) -> None:
+    import onnx
+
+    from attnopt.export._registry import msft
+
+    msft()  # registers the schemas of the contrib attention ops attnopt emits
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+
+
+def _feed(input_names: list[str], inputs: Inputs) -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    for k, v in inputs.kwargs.items():
+        if isinstance(v, torch.Tensor):
+            named[k] = v
+    leaves = [x for x in pytree.tree_leaves(inputs.args) if isinstance(x, torch.Tensor)]
+    if all(n in named for n in input_names):
+        chosen = [named[n] for n in input_names]
+    else:
+        pool = leaves + list(named.values())
+        if len(pool) < len(input_names):
+            raise ExportError(f"the ONNX model takes inputs {input_names}; got "
+                              f"{inputs.describe()}")
+        chosen = pool[: len(input_names)]
+    return {n: t.detach().cpu().numpy() for n, t in zip(input_names, chosen)}
+
+
+def _diagnose(path: Path, fast, inputs: Inputs, input_names: list[str], tol: float) -> str:
+    """Name the first attention site whose ONNX output differs from torch (best effort)."""
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        from attnopt.verify import record
+
+        program = fast.exported_program()
+        gm = program.module()
+        targets = {n.name: n for n in gm.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("attnopt.")}
+        flat = inputs.flat(program.call_spec.in_spec)
+        values = record(gm, flat, set(targets.values()))
+        model = onnx.load(str(path))
+        have = {o for n in model.graph.node for o in n.output}
+        names = [n for n in targets if n in have]
+        for n in names:
+            model.graph.output.append(onnx.ValueInfoProto(name=n))
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(names, _feed(input_names, inputs))
+        rows = [r for r in fast.report.rows if r.outcome in ("fused", "rewritten")]
+        for i, (n, o) in enumerate(zip(names, outs)):
+            err = compare(values[targets[n]], torch.from_numpy(o)).rel
+            if err > tol:
+                site = rows[i].site if i < len(rows) else None
+                label = f"site {site.index} ({site.location})" if site else n
+                return f"; first differing attention: {label}, error {err:.2e}"
+        return "; every attention op matches: the difference comes from other ops"
+    except Exception as e:  # noqa: BLE001 - diagnosis must not hide the real error
+        log.debug("parity diagnosis failed: %s", e)
+        return ""
+
+
+def _summarize_exporter_error(e: Exception) -> str:
+    text = str(e)
+    lines = [ln for ln in text.splitlines() if ln.startswith("<class") or "Error" in ln]
+    return (lines[0] if lines else text.splitlines()[0] if text else type(e).__name__)[:500]

