@@ -16,7 +16,7 @@ from attnopt._match.matcher import Matcher
 from attnopt.capture import Captured, capture, eval_mode, reexport
 from attnopt.config import Config
 from attnopt.errors import ConfigError
-from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module
+from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_operands_module
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
 from attnopt.sites import AttentionSite, Rejected
 from attnopt.variants import Variant, implementation
@@ -148,8 +148,9 @@ def _find(captured: Captured) -> tuple[list[AttentionSite], list[Rejected]]:
 
 
 def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Config, tol: float,
-                    report: Report) -> list[tuple[AttentionSite, Variant]]:
-    """Choose a variant per site, check each candidate in isolation, keep the ones that pass."""
+                    report: Report) -> list[tuple[AttentionSite, Variant, object]]:
+    """Choose a variant per site, fit it where it needs calibration, check each candidate in
+    isolation on values from the original graph, and keep the ones that pass."""
     candidates: list[tuple[AttentionSite, Variant]] = []
     for site in sites:
         variant = config.variant_for(site.location)
@@ -158,12 +159,15 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
             continue
         reason = implementation(variant).can_apply(variant, site)
         if reason is not None:
-            report.rows.append(SiteResult(site, LEFT_EXACT, note=reason))
+            report.rows.append(SiteResult(site, LEFT_EXACT, variant=variant.describe(),
+                                          note=f"{variant.describe()} not applied: {reason}"))
             continue
         candidates.append((site, variant))
     if not candidates:
         return []
-    checks = {site.index: site_check_module(captured.gm, site, v) for site, v in candidates}
+    states = _fit(captured, candidates, config, report)
+    checks = {site.index: site_check_module(site, v, states.get(site.index))
+              for site, v in candidates}
     wanted = {n for _, ins in checks.values() for n in ins}
     wanted |= {site.graph.output for site, _ in candidates}
     values = record(captured.gm, captured.flat(captured.inputs), wanted) if config.verify else {}
@@ -185,9 +189,47 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
                 log.warning("site %d (%s): %s", site.index, site.location, row.note)
         report.rows.append(row)
         if row.outcome != REVERTED:
-            plan.append((site, variant))
+            plan.append((site, variant, states.get(site.index)))
     report.rows.sort(key=lambda r: r.site.index)
     return plan
+
+
+def _fit(captured: Captured, candidates: list[tuple[AttentionSite, Variant]], config: Config,
+         report: Report) -> dict[int, object]:
+    """Call ``fit`` of calibrated variants with each site's canonical tensors on calibration data.
+
+    Calibration batches come from ``config.calibration`` (a list of example inputs shaped like
+    the example's); without it the example inputs are used and the report says so.
+    """
+    to_fit = [(s, v) for s, v in candidates if hasattr(implementation(v), "fit")]
+    if not to_fit:
+        return {}
+    batches = config.calibration
+    if batches is None:
+        batches = [captured.inputs]
+        report.notes.append("no calibration data given: fitted on the example inputs only")
+    elif not isinstance(batches, (list, tuple)) or isinstance(batches, Inputs):
+        batches = [batches]
+    modules = {site.index: site_operands_module(site) for site, _ in to_fit}
+    wanted = {n for _, ins in modules.values() for n in ins} | {s.graph.output for s, _ in to_fit}
+    samples: dict[int, list[dict]] = {site.index: [] for site, _ in to_fit}
+    for batch in batches:
+        inputs = normalize(batch)
+        inputs = Inputs(inputs.args, {**captured.injected, **inputs.kwargs})
+        values = record(captured.gm, captured.flat(inputs), wanted)
+        for site, _ in to_fit:
+            module, ins = modules[site.index]
+            with torch.no_grad():
+                q, k, v, mask = module(*[values[n] for n in ins])
+                out = torch.ops.attnopt.attention(q, k, v, mask, site.causal, site.scale)
+            samples[site.index].append({"q": q, "k": k, "v": v, "mask": mask, "causal": site.causal,
+                                        "scale": site.scale, "out": out})
+    states = {}
+    for site, variant in to_fit:
+        log.info("fitting %s at site %d (%s) on %d batches", variant.describe(), site.index,
+                 site.location, len(batches))
+        states[site.index] = implementation(variant).fit(variant, site, samples[site.index])
+    return states
 
 
 def _verify_end_to_end(model: torch.nn.Module, captured: Captured, report: Report,

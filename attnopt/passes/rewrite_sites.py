@@ -26,7 +26,30 @@ aten = torch.ops.aten
 Lookup = Callable[[Node], Node]
 
 
-def emit_site(graph: Graph, site: AttentionSite, variant: Variant, lookup: Lookup) -> Node:
+def emit_operands(graph: Graph, site: AttentionSite, lookup: Lookup,
+                  state: object = None) -> tuple[SiteOperands, list]:
+    """Emit the canonical 4-D operands of ``site`` (q, k, v, mask) into ``graph``.
+
+    Returns them and, for rank > 4 sites, the sizes of the head dims flattened into one.
+    """
+    g = site.graph
+    assert g is not None, "sites from find_attention carry their graph handles"
+    r = g.rank
+    q, k, v = (_emit_recipe(graph, x, lookup) for x in (g.q, g.k, g.v))
+    mid_sizes: list = []
+    if r > 4:
+        mid_sizes = _sizes(graph, q, shape_of=_canonical_shape(site, "q"), dims=range(1, r - 2))
+    q, k, v = (_to_4d(graph, t, r) for t in (q, k, v))
+    mask = _emit_mask(graph, site, lookup)
+    if mask is not None:
+        mask = _mask_to_4d(graph, mask, site, r)
+    ops = SiteOperands(q=q, k=k, v=v, mask=mask, causal=g.mask.causal, scale=site.scale,
+                       state=state)
+    return ops, mid_sizes
+
+
+def emit_site(graph: Graph, site: AttentionSite, variant: Variant, lookup: Lookup,
+              state: object = None) -> Node:
     """Emit ``variant`` for ``site`` at ``graph``'s insertion point; return the new output node.
 
     Args:
@@ -34,34 +57,22 @@ def emit_site(graph: Graph, site: AttentionSite, variant: Variant, lookup: Looku
         site: a fusable site (its ``graph`` handles refer to the original graph's nodes).
         variant: the variant config to emit.
         lookup: maps an original-graph node to the node standing for it in ``graph``.
+        state: what the variant's ``fit`` returned for this site (calibrated variants).
     """
-    g = site.graph
-    assert g is not None, "sites from find_attention carry their graph handles"
-    r = g.rank
-    q = _emit_recipe(graph, g.q, lookup)
-    k = _emit_recipe(graph, g.k, lookup)
-    v = _emit_recipe(graph, g.v, lookup)
-    mask = _emit_mask(graph, site, lookup)
-    mid_sizes: list = []
-    if r > 4:
-        mid_sizes = _sizes(graph, q, shape_of=_canonical_shape(site, "q"), dims=range(1, r - 2))
-    q, k, v = (_to_4d(graph, t, r) for t in (q, k, v))
-    if mask is not None:
-        mask = _mask_to_4d(graph, mask, site, r)
-    ops = SiteOperands(q=q, k=k, v=v, mask=mask, causal=g.mask.causal, scale=site.scale)
+    ops, mid_sizes = emit_operands(graph, site, lookup, state)
     out = implementation(variant).emit(variant, graph, ops, site)
-    out = _from_4d(graph, out, r, mid_sizes)
-    for op, *args in g.out_ops:
+    out = _from_4d(graph, out, site.graph.rank, mid_sizes)
+    for op, *args in site.graph.out_ops:
         out = Recipe(out, ((op, *args),)).emit(graph)
     return out
 
 
-def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant]]) -> None:
-    """Rewrite every (site, variant) of ``plan`` in ``gm`` (in place) and clean the graph."""
-    for site, variant in plan:
+def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant, object]]) -> None:
+    """Rewrite every (site, variant, fitted state) of ``plan`` in ``gm`` (in place), clean up."""
+    for site, variant, state in plan:
         old = site.graph.output
         with gm.graph.inserting_before(old):
-            new = emit_site(gm.graph, site, variant, lambda n: n)
+            new = emit_site(gm.graph, site, variant, lambda n: n, state)
         new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", {})
         new.meta["attnopt_site"] = site.index
         old.replace_all_uses_with(new)
@@ -71,24 +82,41 @@ def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant]]) ->
 
 
 def site_check_module(
-    root: GraphModule, site: AttentionSite, variant: Variant
+    site: AttentionSite, variant: Variant, state: object = None
 ) -> tuple[GraphModule, list[Node]]:
     """A standalone module computing ``site`` with ``variant`` from the site's input values.
 
     Returns the module and the original-graph nodes whose values it takes, in argument order.
     """
-    graph = Graph()
+    gm, lookup, inputs = _standalone()
+    gm.graph.output(emit_site(gm.graph, site, variant, lookup, state))
+    gm.recompile()
+    return gm, inputs
+
+
+def site_operands_module(site: AttentionSite) -> tuple[GraphModule, list[Node]]:
+    """A standalone module returning the site's canonical ``(q, k, v, mask)``."""
+    gm, lookup, inputs = _standalone()
+    ops, _ = emit_operands(gm.graph, site, lookup)
+    gm.graph.output((ops.q, ops.k, ops.v, ops.mask))
+    gm.recompile()
+    return gm, inputs
+
+
+def _standalone():
+    """An empty module (variants may register fitted buffers on it) and a lookup that turns
+    each original-graph node it is asked for into a placeholder."""
+    gm = GraphModule(torch.nn.Module(), Graph())
     env: dict[Node, Node] = {}
     inputs: list[Node] = []
 
     def lookup(n: Node) -> Node:
         if n not in env:
-            env[n] = graph.placeholder(f"in_{len(inputs)}")
+            env[n] = gm.graph.placeholder(f"in_{len(inputs)}")
             inputs.append(n)
         return env[n]
 
-    graph.output(emit_site(graph, site, variant, lookup))
-    return GraphModule(root, graph), inputs
+    return gm, lookup, inputs
 
 
 # -- pieces --------------------------------------------------------------------------------------
