@@ -19,12 +19,13 @@ from attnopt.errors import (
 )
 from attnopt.report import Report, SiteResult
 from attnopt.sites import AttentionSite
-from attnopt.variants import Fused, Variant
+from attnopt.variants import BlockTopK, Fused, Neighborhood2D, SlidingWindow, Streaming, Variant
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite",
+    "BlockTopK",
     "AttnoptError",
     "CaptureError",
     "Config",
@@ -32,9 +33,12 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Fused",
+    "Neighborhood2D",
     "OptimizedModel",
     "Report",
     "SiteResult",
+    "SlidingWindow",
+    "Streaming",
     "ValidationError",
     "Variant",
     "VariantNotApplicableError",

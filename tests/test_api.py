@@ -126,3 +126,23 @@ def test_exported_program_contains_fused_ops():
     assert isinstance(ep, torch.export.ExportedProgram)
     ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.attnopt.attention.default) == 1
+
+
+VARIANT_EXAMPLES = {
+    "fused": lambda: attnopt.Fused(),
+    "sliding_window": lambda: attnopt.SlidingWindow(window=64),
+    "streaming": lambda: attnopt.Streaming(sinks=4, window=64),
+    "block_topk": lambda: attnopt.BlockTopK(block=16, k=2),
+    "neighborhood2d": lambda: attnopt.Neighborhood2D(kernel=3),
+    "linear": lambda: attnopt.Linear(feature_map="elu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(attnopt.variants.registered()))
+def test_every_registered_variant_config_round_trips(name):
+    assert name in VARIANT_EXAMPLES, f"add an example config for new variant {name!r}"
+    cfg = VARIANT_EXAMPLES[name]()
+    again = attnopt.Variant.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and type(again) is type(cfg)
+    whole = attnopt.Config(variant=cfg)
+    assert attnopt.Config.from_dict(json.loads(json.dumps(whole.to_dict()))) == whole

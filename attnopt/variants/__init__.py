@@ -1,6 +1,19 @@
 """Attention variants: one module each, registered by config type (see ``_base``)."""
 
 from attnopt.variants._base import Variant, implementation, registered
+from attnopt.variants.block_topk import BlockTopK
 from attnopt.variants.fused import Fused
+from attnopt.variants.neighborhood2d import Neighborhood2D
+from attnopt.variants.sliding_window import SlidingWindow
+from attnopt.variants.streaming import Streaming
 
-__all__ = ["Variant", "Fused", "implementation", "registered"]
+__all__ = [
+    "BlockTopK",
+    "Fused",
+    "Neighborhood2D",
+    "SlidingWindow",
+    "Streaming",
+    "Variant",
+    "implementation",
+    "registered",
+]
