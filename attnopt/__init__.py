@@ -1,14 +1,13 @@
 """attnopt: find every attention in a PyTorch model, rewrite it, verify it, export it.
 
-    import attnopt
-    sites = attnopt.find_attention(model, example_inputs)
-    fast = attnopt.optimize(model, example_inputs)      # exact: every attention fused
-    print(fast.report)
+import attnopt
+sites = attnopt.find_attention(model, example_inputs)
+fast = attnopt.optimize(model, example_inputs)      # exact: every attention fused
+print(fast.report)
 """
 
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
-from attnopt.export.onnx import ExportResult, export_onnx
 from attnopt.errors import (
     AttnoptError,
     CaptureError,
@@ -17,9 +16,18 @@ from attnopt.errors import (
     ValidationError,
     VariantNotApplicableError,
 )
+from attnopt.export.onnx import ExportResult, export_onnx
 from attnopt.report import Report, SiteResult
 from attnopt.sites import AttentionSite
-from attnopt.variants import BlockTopK, Fused, Neighborhood2D, SlidingWindow, Streaming, Variant
+from attnopt.variants import (
+    BlockTopK,
+    Fused,
+    Linear,
+    Neighborhood2D,
+    SlidingWindow,
+    Streaming,
+    Variant,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +41,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Fused",
+    "Linear",
     "Neighborhood2D",
     "OptimizedModel",
     "Report",

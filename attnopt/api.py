@@ -150,7 +150,8 @@ def _find(captured: Captured) -> tuple[list[AttentionSite], list[Rejected]]:
 def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Config, tol: float,
                     report: Report) -> list[tuple[AttentionSite, Variant, object]]:
     """Choose a variant per site, fit it where it needs calibration, check each candidate in
-    isolation on values from the original graph, and keep the ones that pass."""
+    isolation on values from the original graph, and keep the ones that pass.
+    """
     candidates: list[tuple[AttentionSite, Variant]] = []
     for site in sites:
         variant = config.variant_for(site.location)

@@ -488,7 +488,7 @@ def _targets(res: dict[str, Any]) -> list[str]:
         worst = max(x for _, _, x in growth)
         out.append(f"- SlidingWindow time(2N)/time(N) ≤ 2.3: worst {worst:.2f} — "
                    f"{'met' if worst <= 2.3 else 'missed'}")
-    for (case, n), r in sorted(rows.items()):
+    for (_case, n), r in sorted(rows.items()):
         if n == 16384 and r.get("fraction_of_ideal") is not None:
             f = r["fraction_of_ideal"]
             out.append(f"- {r['variant']} at 16k ≥ 50% of ideal speedup: {100 * f:.0f}% "

@@ -65,7 +65,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         masks = ", ".join(f"{k} ×{v}" for k, v in r["masks"].items())
 
-        def exp(t):
+        def exp(t, r=r):
             e = r.get(t)
             if e is None:
                 return "-"

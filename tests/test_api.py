@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from zoo import CausalTrilBuffer, MulScale
 
 import attnopt
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED
-from zoo import CausalTrilBuffer, MulScale
 
 PUBLIC = {
     "AttentionSite", "AttnoptError", "CaptureError", "Config", "ConfigError", "ExportError",

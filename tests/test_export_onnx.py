@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from zoo import CASES, Classifier, GQARepeatKV, MulScale
 
 import attnopt
 from attnopt.models import TINY, tiny
-from zoo import CASES, Classifier, GQARepeatKV, MulScale
 
 ORT_ATTENTION = {"MultiHeadAttention", "GroupQueryAttention"}
 

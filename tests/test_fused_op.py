@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rel_err
 
 from attnopt.variants.fused import attention, reference_attention
-from conftest import rel_err
 
 
 def _pad_mask(b, lk, drop):

@@ -1,13 +1,13 @@
-"""The matcher on every attention spelling of tests/zoo.py, and on softmaxes that are not attention."""
+"""The matcher on every attention spelling of tests/zoo.py, and softmaxes that are not attention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from zoo import CASES, NEGATIVES, Case
 
 import attnopt
 from attnopt.report import FUSED, LEFT_EXACT
-from zoo import CASES, NEGATIVES, Case
 
 
 def _run(case: Case):

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from attnopt.errors import ConfigError
 from attnopt.report import LEFT_EXACT, REWRITTEN
 from attnopt.variants import _sparse
 from attnopt.variants._base import Variant
-from conftest import rel_err
 
 TOL = 2e-5  # fp32 kernel vs float64 reference, relative to the output's scale
 

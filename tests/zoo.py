@@ -1,4 +1,4 @@
-"""Hand-written attention in the many ways real code spells it, and softmaxes that are not attention.
+"""Hand-written attention in the many ways real code spells it, and softmaxes that are not.
 
 Each ``Case`` builds a small module and its inputs and says what the matcher must find. The
 spellings follow real code: HF eager attention, timm ``Attention`` (fused qkv, ``fused_attn`` on
@@ -545,7 +545,8 @@ CASES: list[Case] = [
     Case("causal_plus_padding", CausalPlusPadding, lambda: (*_x(), _attention_mask()),
          causal=True, mask="causal+padding"),
     Case("eval_dropout", EvalDropout, _x),
-    Case("float32_softmax_bf16", Float32Softmax, lambda: (torch.randn(B, L, E, dtype=torch.bfloat16),),
+    Case("float32_softmax_bf16", Float32Softmax,
+         lambda: (torch.randn(B, L, E, dtype=torch.bfloat16),),
          extra={"dtype": torch.bfloat16}),
     Case("gqa_repeat_kv", GQARepeatKV, _x, kv_heads=2),
     Case("gqa_repeat_interleave", GQARepeatInterleave, _x, kv_heads=2),

@@ -29,7 +29,7 @@ class Recipe:
         return Recipe(self.node, self.ops + (tuple(op),))
 
     def emit(self, graph: Graph) -> Node:
-        """Insert the view ops into ``graph`` (at its current insertion point); return the result."""
+        """Insert the view ops into ``graph`` (at its current insertion point); return result."""
         out = self.node
         for op, *args in self.ops:
             out = graph.call_function(_VIEW_OPS[op], (out, *args))

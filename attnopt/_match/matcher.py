@@ -326,7 +326,8 @@ class Matcher:
             node = side
         return Recipe(node, r.ops), factor
 
-    def _scaled_operand(self, a: Any, b: Any, *, commutes: bool) -> tuple[Node | None, float | None]:
+    def _scaled_operand(self, a: Any, b: Any, *,
+                        commutes: bool) -> tuple[Node | None, float | None]:
         """For ``a*b`` or ``a/b``: (the tensor operand, the scalar constant) or (None, None)."""
         cb = self._scalar(b)
         if isinstance(a, Node) and cb is not None and (rank(a) or 0) >= 2:
@@ -394,7 +395,7 @@ class Matcher:
     # -- forwards: values ----------------------------------------------------------------------
 
     def _walk_forward(self, sm: Node):
-        """Follow the probabilities to the value contraction; return it with v and the out layout."""
+        """Follow the probabilities to the value contraction; return it, v and the out layout."""
         p = sm
         interior: set[Node] = set()
         spelling: list[str] = []
@@ -406,7 +407,8 @@ class Matcher:
                 if any(self._leads_to_value_contraction(u, p) for u in users):
                     raise Unfusable("the attention probabilities have another use (returned "
                                     "attention weights? output_attentions / need_weights)")
-                raise NotAttention("softmax result is used by several ops, none a value contraction")
+                raise NotAttention(
+                    "softmax result is used by several ops, none a value contraction")
             u = users[0]
             if is_op(u, *_PASS_OPS):
                 interior.add(u)
@@ -477,7 +479,7 @@ class Matcher:
     # -- checks and GQA ------------------------------------------------------------------------
 
     def _check_shapes(self, score: _Score, v: Recipe, lq: Any, lk: Any) -> None:
-        """The contraction must be over the head dim: q [.., Lq, D], k [.., Lk, D], v [.., Lk, Dv]."""
+        """The contraction is over the head dim: q [.., Lq, D], k [.., Lk, D], v [.., Lk, Dv]."""
         qs, ks, vs = (_recipe_shape(r) for r in (score.q, score.k, v))
         if qs is None or ks is None or vs is None:
             raise Unfusable("operand shapes are unknown")
@@ -504,7 +506,7 @@ class Matcher:
                     raise Unfusable("mask broadcast over some head dims only")
 
     def _peel_gqa(self, g: SiteGraph) -> None:
-        """Recognise ``repeat_kv`` (unsqueeze+expand+reshape) or ``repeat_interleave`` on k and v."""
+        """Recognise ``repeat_kv`` (unsqueeze+expand+reshape) or ``repeat_interleave`` on k, v."""
         if g.rank != 4 or g.k.ops or g.v.ops:
             return
         k0, rk = _unrepeat(g.k.node)
@@ -583,7 +585,7 @@ def _key_from_transposed(b: Node) -> Recipe:
 
 
 def _unrepeat(node: Node) -> tuple[Node | None, int]:
-    """If ``node`` repeats kv heads (``repeat_kv`` or ``repeat_interleave``), the source and ratio."""
+    """If ``node`` repeats kv heads (``repeat_kv`` or ``repeat_interleave``): source and ratio."""
     if is_op(node, aten.repeat_interleave.self_int):
         src, reps = node.args[:2]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")

@@ -105,7 +105,8 @@ def site_operands_module(site: AttentionSite) -> tuple[GraphModule, list[Node]]:
 
 def _standalone():
     """An empty module (variants may register fitted buffers on it) and a lookup that turns
-    each original-graph node it is asked for into a placeholder."""
+    each original-graph node it is asked for into a placeholder.
+    """
     gm = GraphModule(torch.nn.Module(), Graph())
     env: dict[Node, Node] = {}
     inputs: list[Node] = []

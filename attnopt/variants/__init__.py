@@ -3,6 +3,7 @@
 from attnopt.variants._base import Variant, implementation, registered
 from attnopt.variants.block_topk import BlockTopK
 from attnopt.variants.fused import Fused
+from attnopt.variants.linear import Linear
 from attnopt.variants.neighborhood2d import Neighborhood2D
 from attnopt.variants.sliding_window import SlidingWindow
 from attnopt.variants.streaming import Streaming
@@ -10,6 +11,7 @@ from attnopt.variants.streaming import Streaming
 __all__ = [
     "BlockTopK",
     "Fused",
+    "Linear",
     "Neighborhood2D",
     "SlidingWindow",
     "Streaming",

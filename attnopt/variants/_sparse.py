@@ -202,7 +202,8 @@ class Plan(Protocol):
 
     def bias(self, c: Chunk, s: torch.Tensor) -> None:
         """Apply the structural pattern to the chunk's scores ``s`` ``[m, Gf, block, Kc]`` in
-        place (add -inf where a column is outside the block's pattern)."""
+        place (add -inf where a column is outside the block's pattern).
+        """
 
 
 def uniform_chunks(nblk: int, max_blocks: int, cuts: tuple[int, ...] = ()) -> Iterator[
@@ -355,7 +356,8 @@ class BlockedRunner:
     def _direct_output(self, c: Chunk, out: torch.Tensor, heads: slice, gf: int, blk: int,
                        qpos: torch.Tensor | None) -> torch.Tensor | None:
         """The output rows of the chunk as a ``[m, blk, Dv]`` view when they can be written
-        in place (one head per row block, whole blocks), else None."""
+        in place (one head per row block, whole blocks), else None.
+        """
         if gf != 1 or qpos is not None or c.s1 * blk > self.lq:
             return None
         dst = out[c.b, heads.start, c.s0 * blk:c.s1 * blk]

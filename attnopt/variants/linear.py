@@ -216,7 +216,7 @@ def linear_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``[B, H, Lq, Dv]`` in fp32.
     """
     b, h, lq, d = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    hkv, lk = k.shape[1], k.shape[2]
     if h % hkv:
         raise VariantNotApplicableError(f"query heads {h} are not a multiple of kv heads {hkv}")
     if causal and lq != lk:
@@ -240,7 +240,8 @@ def _ones_col(v: torch.Tensor) -> torch.Tensor:
 
 def _chunk_len(per_token: int, multiple: int) -> int:
     """Tokens per chunk: within ``CHUNK_BYTES``, at least ``MIN_CHUNK``, a multiple of
-    ``multiple``."""
+    ``multiple``.
+    """
     n = max(MIN_CHUNK, CHUNK_BYTES // max(per_token, 1))
     return max(multiple, n // multiple * multiple)
 

@@ -311,14 +311,16 @@ class _TilePlan:
 
     def segments(self, c: _sparse.Chunk) -> list[_sparse.Segment]:
         """Prefix keys and the tiles' regions, gathered as one segment (so the scores are one
-        contiguous block the score matmul can accumulate into)."""
+        contiguous block the score matmul can accumulate into).
+        """
         pos = self.key_index[c.s0:c.s1]
         k, v = _sparse.gather_keys(c, pos, "region")
         return [_sparse.Segment(k, v, pos)]
 
     def bias(self, c: _sparse.Chunk, s: torch.Tensor) -> None:
         """Initialise the scores (``prebias``): 0 for the prefix keys, row window ⊕ column
-        window in the region, -inf in the alignment columns."""
+        window in the region, -inf in the alignment columns.
+        """
         m, gf, t = c.m, s.shape[1], self.tile
         idx = torch.arange(c.s0, c.s1, device=s.device)
         by = self.row_bias[idx // self.ntx][:, None, :, None, :, None]  # [m,1,t,1,Ry,1]
@@ -439,7 +441,8 @@ def neighborhood_pairs(length: int, grid: tuple[int, int], kernel: int) -> int:
 def tile_tables(length: int, grid: tuple[int, int], kernel: int, dilation: int,
                 tile: int = TILE) -> tuple[GridTiles, np.ndarray, np.ndarray, int]:
     """Tables of the ONNX lowering: tiles, padded key index ``[nt, Kc]`` (prefix first),
-    the slot of every grid token in the tiles' query order ``[h·w]``, and ``Kc``."""
+    the slot of every grid token in the tiles' query order ``[h·w]``, and ``Kc``.
+    """
     tiles = grid_tiles(length, grid, kernel, dilation, tile)
     prefix = length - grid[0] * grid[1]
     region = tiles.key_index.numpy()
