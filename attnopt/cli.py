@@ -43,16 +43,28 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--static", action="store_true", help="capture with static shapes")
         sp.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
+    def rewriting(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--variant", default="fused", metavar="NAME[:k=v,...]",
+                        help="variant for every site, e.g. sliding_window:window=512, "
+                             "streaming:sinks=4,window=512, block_topk:block=64,k=8, "
+                             "neighborhood2d:kernel=7, linear:feature_map=elu "
+                             "(default: fused, exact)")
+        sp.add_argument("--exact", action="append", default=[], metavar="GLOB",
+                        help="keep the sites whose module path matches GLOB exact (fused); "
+                             "repeatable, e.g. --exact 'model.layers.0.*'")
+
     sp = sub.add_parser("inspect", help="list the attention sites of a model (read-only)")
     common(sp)
     sp.set_defaults(func=_inspect)
 
     sp = sub.add_parser("optimize", help="fuse every attention, verify, print the report")
     common(sp)
+    rewriting(sp)
     sp.set_defaults(func=_optimize)
 
     sp = sub.add_parser("export", help="optimize, export to ONNX, validate in onnxruntime")
     common(sp)
+    rewriting(sp)
     sp.add_argument("-o", "--out", default="out", help="output directory (default ./out)")
     sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"],
                     help="onnxruntime: contrib attention ops; onnx: standard Attention")
@@ -92,8 +104,7 @@ def _optimize(args) -> int:
 
     built = _load(args)
     _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
-    config = attnopt.Config(dynamic=not args.static)
-    fast = attnopt.optimize(built.model, built.inputs, config)
+    fast = attnopt.optimize(built.model, built.inputs, _config(args))
     fast.report.model = built.description
     print(fast.report.table())
     _expectation(built, len(fast.report.rows))
@@ -110,7 +121,7 @@ def _export(args) -> int:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.spec.split(":", 1)[-1]) or "model"
     path = out / f"{name}.{args.target}.onnx"
     _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
-    fast = attnopt.optimize(built.model, built.inputs, attnopt.Config(dynamic=not args.static))
+    fast = attnopt.optimize(built.model, built.inputs, _config(args))
     fast.report.model = built.description
     print(fast.report.table())
     _step(f"exporting to {path} (target {args.target}) and validating in onnxruntime")
@@ -122,6 +133,42 @@ def _export(args) -> int:
         data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
+
+
+def _config(args):
+    from attnopt.config import Config
+    from attnopt.variants import Fused
+
+    return Config(variant=parse_variant(args.variant),
+                  overrides={glob: Fused() for glob in args.exact}, dynamic=not args.static)
+
+
+def parse_variant(text: str):
+    """A variant config from ``name[:key=value,...]`` (values are Python literals or words).
+
+    ``sliding_window:window=512`` → ``SlidingWindow(window=512)``;
+    ``neighborhood2d:kernel=7,grid=(14,14)``; ``linear:feature_map=relu``.
+    """
+    import ast
+
+    from attnopt.errors import ConfigError
+    from attnopt.variants import Variant
+
+    name, _, params = text.partition(":")
+    data: dict[str, object] = {"variant": name.strip()}
+    # split on commas outside parentheses, so tuples such as grid=(14,14) stay whole
+    for item in filter(None, re.split(r",(?![^()]*\))", params)):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--variant {text!r}: {item!r} is not key=value")
+        try:
+            data[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            data[key.strip()] = value.strip()
+    try:
+        return Variant.from_dict(data)
+    except TypeError as e:
+        raise ConfigError(f"--variant {text!r}: {e}") from None
 
 
 def _expectation(built, found: int) -> None:

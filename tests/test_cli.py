@@ -37,3 +37,20 @@ def test_bad_spec_is_a_clear_error():
     res = _attnopt("inspect", "tiny:nonsense")
     assert res.returncode == 2
     assert "unknown tiny model" in res.stderr
+
+
+def test_optimize_with_a_variant_and_an_exact_layer(tmp_path):
+    out = tmp_path / "r.json"
+    res = _attnopt("optimize", "tiny:llama", "--variant", "sliding_window:window=8",
+                   "--exact", "*layers.0.*", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    sites = json.loads(out.read_text())["sites"]
+    assert [s["variant"] for s in sites] == ["fused", "SlidingWindow(window=8, causal=None)"]
+    assert sites[0]["error"]["rel"] < 1e-4
+    assert 0 < sites[1]["density"] < 1 and sites[1]["error"]["rel"] > 1e-4  # approximate, measured
+
+
+def test_bad_variant_is_a_clear_error():
+    res = _attnopt("optimize", "tiny:llama", "--variant", "sliding_window:windw=8")
+    assert res.returncode == 2
+    assert "unexpected keyword argument 'windw'" in res.stderr
