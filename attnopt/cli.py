@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from attnopt.errors import AttnoptError
@@ -195,6 +196,11 @@ def _setup_logging(verbose: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    if not verbose:
+        # torch's ONNX exporter warns about every torchvision op it cannot register and
+        # pytree deprecations: noise for a user who asked for an export, not a problem.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
 
 
 if __name__ == "__main__":
