@@ -325,7 +325,8 @@ def fit_projections(
     best = (before, [t.detach().clone() for t in tensors])
     gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
-        bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+        # disable=None: a bar on a terminal, silent when output goes to a file or a pipe
+        bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=None)
         for step in bar:
             sample = _minibatch(samples[step % len(samples)], max_tokens, gen)
             loss = relative_mse(forward(current(), sample), sample["out"])
