@@ -45,7 +45,7 @@ def test_optimize_with_a_variant_and_an_exact_layer(tmp_path):
                    "--exact", "*layers.0.*", "--json", str(out))
     assert res.returncode == 0, res.stderr
     sites = json.loads(out.read_text())["sites"]
-    assert [s["variant"] for s in sites] == ["fused", "SlidingWindow(window=8, causal=None)"]
+    assert [s["variant"] for s in sites] == ["fused", "SlidingWindow(window=8)"]
     assert sites[0]["error"]["rel"] < 1e-4
     assert 0 < sites[1]["density"] < 1 and sites[1]["error"]["rel"] > 1e-4  # approximate, measured
 

@@ -44,8 +44,13 @@ class Variant:
         return cls(**data)
 
     def describe(self) -> str:
-        """A short label for reports, e.g. ``SlidingWindow(window=512)``."""
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        """A short label for reports, e.g. ``SlidingWindow(window=512)``: the first field and
+        every field that differs from its default.
+        """
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}"
+                           for i, f in enumerate(dataclasses.fields(self))
+                           if i == 0 or f.default is dataclasses.MISSING
+                           or getattr(self, f.name) != f.default)
         return f"{type(self).__name__}({fields})"
 
 
