@@ -146,12 +146,13 @@ class Segment:
             keys every block of the chunk shares (sinks, prefix tokens: one matmul per chunk).
         v: ``[m, Kc_i, Dv]`` or ``[Kc_i, Dv]`` values, same layout.
         pos: ``[m or 1, Kc_i]`` key positions in ``[0, Lk)`` (clamped; where the user's mask is
-            read). Columns outside the sequence must get -inf from the plan's bias.
+            read), or None when there is no mask to read. Columns outside the sequence must
+            get -inf from the plan's bias.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    pos: torch.Tensor
+    pos: torch.Tensor | None
 
 
 @dataclass

@@ -224,10 +224,22 @@ def reference_block_topk(q, k, v, attn_mask=None, block: int = 64, topk: int = 1
 
 
 class _TopKPlan:
-    """One gathered segment per query block: ``[own block?, selected blocks]`` (per query head)."""
+    """One gathered segment per query block: ``[own block?, selected blocks]`` (per query head).
+
+    When ``Lk`` is a multiple of ``block`` and the blocks fill whole :data:`_sparse.ALIGN`
+    groups of columns, the keys are gathered block by block (one index per key block, rows of
+    ``block·D`` contiguous values) and the structural bias is applied only where needed: the
+    causal triangle of the own block, and -inf on the unfilled slots of the few query blocks
+    with fewer than ``k`` candidates. Otherwise keys are gathered token by token with a full
+    bias (key positions past the end, alignment columns).
+    """
 
     fold = False
     query_index = None
+    #: score bytes of one chunk, below the runner's budget: the chunk's gathered keys and values
+    #: then stay in cache between the gather and the matmuls (measured at 16k, block 64, k 8:
+    #: about 9% faster than with 8 MiB chunks on the causal case).
+    CHUNK_BYTES = 3 << 19
 
     def __init__(self, runner: _sparse.BlockedRunner, idx: torch.Tensor, valid: torch.Tensor,
                  block: int, causal: bool, own_block: bool) -> None:
@@ -240,13 +252,28 @@ class _TopKPlan:
         self.idx, self.valid = idx, valid
         self.causal = causal
         self._dtype = runner.dtype
+        self._elsize = runner.q.element_size()
         self._offsets = torch.arange(block, device=idx.device)
         upper = torch.ones(block, block, dtype=torch.bool, device=idx.device).triu(1)
         self._triangle = _sparse.key_bias(~upper, runner.dtype)
+        self._needs_mask = runner.mask is not None
+        #: whole key blocks, no alignment columns: gather by block, bias only where needed.
+        #: (an own block past the last key block would need its keys masked: not here)
+        self.by_block = (runner.lk % block == 0 and self.key_cols == self.used
+                         and (not self.own or self.nblk * block <= runner.lk))
+        if self.by_block:
+            blocks = idx
+            if self.own:
+                own = torch.arange(self.nblk, device=idx.device)
+                blocks = torch.cat([own.expand(*idx.shape[:2], -1)[..., None], idx], dim=-1)
+            self._blocks = blocks.contiguous()
+            #: per (batch, head): query blocks with an unfilled slot (their bias is needed).
+            self._partial = (~valid).any(-1).tolist() if valid.numel() else None
 
     def chunks(self, max_blocks: int):
-        """Uniform chunks of whole blocks."""
-        return _sparse.uniform_chunks(self.nblk, max_blocks)
+        """Uniform chunks of whole blocks, at most :attr:`CHUNK_BYTES` of scores each."""
+        cap = max(1, self.CHUNK_BYTES // (self.block * self.key_cols * self._elsize))
+        return _sparse.uniform_chunks(self.nblk, min(max_blocks, cap))
 
     def _positions(self, c: _sparse.Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = self.idx[c.b, c.g, c.s0:c.s1]
@@ -266,15 +293,32 @@ class _TopKPlan:
 
     def segments(self, c: _sparse.Chunk) -> list[_sparse.Segment]:
         """The own and selected key blocks, gathered."""
-        pos, _ = self._positions(c)
-        k, v = _sparse.gather_keys(c, pos, "topk")
-        return [_sparse.Segment(k, v, pos)]
+        if not self.by_block:
+            pos, _ = self._positions(c)
+            k, v = _sparse.gather_keys(c, pos, "topk")
+            return [_sparse.Segment(k, v, pos)]
+        r, blk = c.runner, self.block
+        blocks = self._blocks[c.b, c.g, c.s0:c.s1]  # [m, n]
+        m, n = blocks.shape
+        idx = blocks.reshape(-1)
+        kb = r.scratch("topk.k", (m * n, blk * r.dim))
+        vb = r.scratch("topk.v", (m * n, blk * r.vdim))
+        torch.index_select(c.k.view(-1, blk * r.dim), 0, idx, out=kb)
+        torch.index_select(c.v.view(-1, blk * r.vdim), 0, idx, out=vb)
+        pos = None
+        if self._needs_mask:
+            pos = (blocks[:, :, None] * blk + self._offsets).flatten(1)
+        return [_sparse.Segment(kb.view(m, n * blk, r.dim), vb.view(m, n * blk, r.vdim), pos)]
+
+    def _partial_chunk(self, c: _sparse.Chunk) -> bool:
+        return self._partial is not None and any(self._partial[c.b][c.g][c.s0:c.s1])
 
     def bias(self, c: _sparse.Chunk, s: torch.Tensor) -> None:
         """-inf for unselected slots and keys past the end; causal triangle in the own block."""
-        _, ok = self._positions(c)
-        if not bool(ok.all()):
-            s.add_(_sparse.key_bias(ok, self._dtype)[:, None, None, :])
+        if not self.by_block or self._partial_chunk(c):
+            _, ok = self._positions(c)
+            if not bool(ok.all()):
+                s.add_(_sparse.key_bias(ok, self._dtype)[:, None, None, :])
         if self.causal:
             s[..., :self.block].add_(self._triangle)
 

@@ -17,10 +17,11 @@ Constraints:
   * masks: any mask is applied inside the pattern; GQA: the query heads of a kv group share
     their gathered neighborhood.
 
-Fast path: queries are tiled in ``t × t`` squares of one sub-grid; a tile's neighborhoods all lie
-in one ``(t + kernel - 1)²`` region, gathered once per tile and kv head, and a separable
-(row ⊕ column) bias cuts each query's columns down to its own window. Prefix queries use one
-dense SDPA call over all keys.
+Fast path: queries are tiled in ``8 × 8`` squares of one sub-grid; a tile's neighborhoods all lie
+in one ``(8 + kernel - 1)²`` region. The keys of a column of tiles are gathered once per kv head
+as a vertical strip, in which every tile's region is one contiguous run, so a chunk of tiles reads
+strided views of the strips (no per-tile copy); a separable (row ⊕ column) bias cuts each query's
+columns down to its own window. Prefix queries use one dense SDPA call over all keys.
 
 ONNX: no ORT CPU kernel implements neighborhood attention; both targets use a gather-based
 decomposition: constant tile / region index tables (the grid is static), ``Gather`` of the regions,
@@ -53,8 +54,10 @@ if TYPE_CHECKING:
 
 aten = torch.ops.aten
 
-#: queries per tile side of the fast path (64 query rows per tile and head).
+#: queries per tile side of the ONNX lowering (64 query rows per tile and head).
 TILE = 8
+#: (grid rows, grid columns) of the queries of one block of the fast path.
+STRIP_TILE = (8, 8)
 _CONVS = (aten.conv2d.default, aten.convolution.default, aten._convolution.default)
 
 
@@ -261,8 +264,9 @@ def neighborhood2d(
         out[:, :, :prefix] = F.scaled_dot_product_attention(
             runner.q[:, :, :prefix], runner.k, runner.v, attn_mask=pm, scale=float(scale),
             enable_gqa=k.shape[1] != q.shape[1])
-    tiles = grid_tiles(length, (grid_h, grid_w), kernel, dilation, TILE)
-    runner.run(_TilePlan(runner, tiles, prefix), out=out)
+    rows, cols = STRIP_TILE
+    runner.run(_StripPlan(runner, length, (grid_h, grid_w), kernel, dilation, rows, cols),
+               out=out)
     return out.to(q.dtype)
 
 
@@ -280,58 +284,130 @@ def reference_neighborhood2d(q, k, v, attn_mask=None, kernel: int = 3, dilation:
     return _sparse.reference_sparse(q, k, v, attn_mask, allowed, scale)
 
 
-class _TilePlan:
-    """One tile of ``t × t`` grid queries per block; keys: the prefix and the tile's region."""
+class _StripPlan:
+    """Blocks of ``g × t`` grid queries whose keys are contiguous runs of vertical key strips.
+
+    The grid's columns are tiled by :func:`axis_tiles` (``t`` query columns, ``Rx`` key
+    columns) and so are its rows (``g`` query rows, ``Ry`` key rows). For a column tile, the
+    keys of its ``Rx`` columns over every grid row (rows in dilation-class order) form a strip,
+    gathered once per kv head for a group of column tiles; a block (row tile r, column tile c)
+    then reads the ``Ry·Rx`` keys of one contiguous run of c's strip. A chunk holds the blocks
+    of one row tile over the group's column tiles, so its runs are a constant stride apart and
+    the score matmul reads a strided view of the strips (no per-block gather). The separable
+    (row ⊕ column) bias cuts each query's columns down to its own window; prefix keys are one
+    shared segment after the region.
+    """
 
     fold = True
     prebias = True
 
-    def __init__(self, runner: _sparse.BlockedRunner, tiles: GridTiles, prefix: int) -> None:
+    def __init__(self, runner: _sparse.BlockedRunner, length: int, grid: tuple[int, int],
+                 kernel: int, dilation: int, rows: int, cols: int) -> None:
         dev = runner.q.device
-        self.tiles = tiles
-        self.prefix = prefix
-        self.query_index = tiles.query_index.to(dev)
-        region = tiles.key_index.to(dev)
-        nt = region.shape[0]
-        head = torch.arange(prefix, device=dev).expand(nt, prefix)
-        self.used = prefix + region.shape[1]
-        pad = torch.zeros(nt, _sparse.round_up(self.used) - self.used, dtype=region.dtype,
-                          device=dev)
-        self.key_index = torch.cat([head, region, pad], dim=1)
-        self.nblk, self.block = self.query_index.shape
-        self.nty, self.ntx, self.ry, self.rx = tiles.shape
-        self.tile = tiles.row_bias.shape[1]
-        self.key_cols = self.key_index.shape[1]
-        self.row_bias = tiles.row_bias.to(device=dev, dtype=runner.dtype)
-        self.col_bias = tiles.col_bias.to(device=dev, dtype=runner.dtype)
+        gh, gw = grid
+        self.prefix = prefix = length - gh * gw
+        ty = axis_tiles(gh, kernel, dilation, rows)
+        tx = axis_tiles(gw, kernel, dilation, cols)
+        self.nty, self.ntx = nty, ntx = ty.query.shape[0], tx.query.shape[0]
+        self.ry, self.rx = ty.key.shape[1], tx.key.shape[1]
+        self.rows, self.cols = rows, cols
+        self.region = self.ry * self.rx
+        self.width = _sparse.round_up(self.region)  # region segment, alignment keys included
+        self.key_cols = _sparse.round_up(self.width + prefix)
+        self.block = rows * cols
+        self.nblk = nty * ntx
+        # strip rows: grid rows in dilation-class order, then padding rows (never seen)
+        order = torch.cat([torch.arange(a, gh, dilation) for a in range(dilation)])
+        rank = torch.empty(gh, dtype=torch.int64)
+        rank[order] = torch.arange(gh)
+        first = rank[ty.key[:, 0]]  # first strip row of each row tile
+        self._starts = (first * self.rx).tolist()
+        # the last run (alignment keys included) must stay inside the strip
+        need = int(first.max()) + self.ry + -(-(self.width - self.region) // self.rx)
+        rows_y = torch.cat([order, order.new_zeros(max(0, need - gh))])
+        self.strip_keys = rows_y.numel() * self.rx
+        keycols = tx.key.clamp(min=0)  # [ntx, Rx]
+        self._strip_pos = (prefix + rows_y[None, :, None] * gw + keycols[:, None, :]).reshape(
+            ntx, -1).to(dev)  # [ntx, strip keys]
+        # column tiles in groups of G (their strips are gathered together); blocks ordered
+        # (group, row tile, column tile), a chunk = one row tile of a group
+        gf = runner.group
+        per_block = gf * self.block * self.key_cols * runner.q.element_size()
+        self.group = min(ntx, max(1, _sparse.CHUNK_BYTES // per_block))
+        self._row, self._col, firsts = [], [], []
+        for c0 in range(0, ntx, self.group):
+            cs = list(range(c0, min(ntx, c0 + self.group)))
+            for r in range(nty):
+                firsts.append(len(self._row))
+                self._row += [r] * len(cs)
+                self._col += cs
+        self._cuts = tuple(firsts[1:])
+        qy = ty.query[torch.tensor(self._row)][:, :, None]  # [nblk, g, 1]
+        qx = tx.query[torch.tensor(self._col)][:, None, :]  # [nblk, 1, t]
+        q = torch.where((qy >= 0) & (qx >= 0), prefix + qy * gw + qx, length)
+        self.query_index = q.reshape(self.nblk, -1).to(dev)
+        self.row_bias = _sparse.key_bias(ty.allowed, runner.dtype).to(dev)  # [nty, g, Ry]
+        self.col_bias = _sparse.key_bias(tx.allowed, runner.dtype).to(dev)  # [ntx, t, Rx]
+        self._needs_mask = runner.mask is not None
+        self._cached: tuple[int, int, int] | None = None
 
     def chunks(self, max_blocks: int):
-        """Uniform chunks of whole tiles."""
-        return _sparse.uniform_chunks(self.nblk, max_blocks)
+        """Chunks of whole blocks of one row tile and one group of column tiles."""
+        return _sparse.uniform_chunks(self.nblk, max_blocks, self._cuts)
+
+    def _strips(self, c: _sparse.Chunk, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys / values of the strips of a group of column tiles (gathered once)."""
+        r = c.runner
+        c0 = group * self.group
+        pos = self._strip_pos[c0:c0 + self.group].reshape(-1)
+        kb = r.scratch("strip.k", (pos.numel(), r.dim))
+        vb = r.scratch("strip.v", (pos.numel(), r.vdim))
+        key = (c.b, c.kvh, group)
+        if self._cached != key:
+            torch.index_select(c.k, 0, pos, out=kb)
+            torch.index_select(c.v, 0, pos, out=vb)
+            self._cached = key
+        return kb, vb
 
     def segments(self, c: _sparse.Chunk) -> list[_sparse.Segment]:
-        """Prefix keys and the tiles' regions, gathered as one segment (so the scores are one
-        contiguous block the score matmul can accumulate into).
-        """
-        pos = self.key_index[c.s0:c.s1]
-        k, v = _sparse.gather_keys(c, pos, "region")
-        return [_sparse.Segment(k, v, pos)]
+        """The blocks' runs (strided views of the strips), then the prefix keys."""
+        col = self._col[c.s0]
+        group = col // self.group
+        kb, vb = self._strips(c, group)
+        start = (col - group * self.group) * self.strip_keys + self._starts[self._row[c.s0]]
+        step = self.strip_keys
+        d, dv, w = kb.shape[1], vb.shape[1], self.width
+        k = kb.as_strided((c.m, w, d), (step * d, d, 1), start * d)
+        v = vb.as_strided((c.m, w, dv), (step * dv, dv, 1), start * dv)
+        pos = None
+        if self._needs_mask:
+            cols = self._strip_pos[col:col + c.m]
+            first = self._starts[self._row[c.s0]]
+            pos = cols[:, first:first + w]
+        segs = [_sparse.Segment(k, v, pos)]
+        if self.prefix:
+            head = torch.arange(self.prefix, device=kb.device)[None, :]
+            segs.append(_sparse.Segment(c.k[:self.prefix], c.v[:self.prefix], head))
+        return segs
 
     def bias(self, c: _sparse.Chunk, s: torch.Tensor) -> None:
-        """Initialise the scores (``prebias``): 0 for the prefix keys, row window ⊕ column
-        window in the region, -inf in the alignment columns.
+        """Initialise the scores (``prebias``): row window ⊕ column window in the region, -inf
+        in its alignment keys, 0 for the prefix keys, -inf in the last alignment columns.
         """
-        m, gf, t = c.m, s.shape[1], self.tile
-        idx = torch.arange(c.s0, c.s1, device=s.device)
-        by = self.row_bias[idx // self.ntx][:, None, :, None, :, None]  # [m,1,t,1,Ry,1]
-        bx = self.col_bias[idx % self.ntx][:, None, None, :, None, :]  # [m,1,1,t,1,Rx]
-        shape = (m, gf, t, t, self.ry, self.rx)
-        region = s[..., self.prefix:self.used].unflatten(3, (self.ry, self.rx))
-        torch.add(by.expand(shape), bx.expand(shape), out=region.unflatten(2, (t, t)))
+        m, gf = c.m, s.shape[1]
+        row, col = self._row[c.s0], self._col[c.s0]
+        by = self.row_bias[row][None, None, :, None, :, None]  # [1,1,g,1,Ry,1]
+        bx = self.col_bias[col:col + m][:, None, None, :, None, :]  # [m,1,1,t,1,Rx]
+        shape = (m, gf, self.rows, self.cols, self.ry, self.rx)
+        region = s[..., :self.region].unflatten(3, (self.ry, self.rx))
+        torch.add(by.expand(shape), bx.expand(shape),
+                  out=region.unflatten(2, (self.rows, self.cols)))
+        if self.width > self.region:
+            s[..., self.region:self.width].fill_(_sparse.NEG_INF)
         if self.prefix:
-            s[..., :self.prefix].zero_()
-        if self.key_cols > self.used:
-            s[..., self.used:].fill_(_sparse.NEG_INF)
+            s[..., self.width:self.width + self.prefix].zero_()
+        if self.key_cols > self.width + self.prefix:
+            s[..., self.width + self.prefix:].fill_(_sparse.NEG_INF)
 
 
 # -- the implementation ----------------------------------------------------------------------------
