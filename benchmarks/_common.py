@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -222,6 +223,13 @@ def rel_error(ref: Any, out: Any) -> float:
         diff = (a - b).abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def fmt_number(x: float | None, digits: int = 1) -> str:
+    """``x`` with thousands separators and ``digits`` decimals; "–" for a missing value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:,.{digits}f}"
 
 
 def _plain(x: Any) -> Any:

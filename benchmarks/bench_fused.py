@@ -325,10 +325,7 @@ def problems(results: list[dict], tol: float = 1e-4) -> list[str]:
     return out
 
 
-def _fmt(x: float | None, digits: int = 1) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{x:,.{digits}f}"
+_fmt = _common.fmt_number
 
 
 def markdown(results: list[dict], machine: dict) -> str:
