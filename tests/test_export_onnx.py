@@ -71,13 +71,72 @@ def test_gqa_causal_without_mask_uses_group_query_attention(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["causal_tril_buffer", "folded_bmm", "einsum_blhd", "alibi",
-                                  "cross_attention", "mha_masks"])
+                                  "cross_attention", "mha_masks", "transformer_decoder_layer"])
 def test_hand_written_attention_exports(name, tmp_path):
     case = next(c for c in CASES if c.name == name)
     model = case.build().eval()
     res = attnopt.export_onnx(model, case.inputs(), tmp_path / "m.onnx")
-    assert len(_attention_ops(res.path)) == case.sites
+    ops = _attention_ops(res.path)
+    assert len(ops) == case.sites and set(ops) <= ORT_ATTENTION
     assert res.report.max_error <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["folded_bmm", "baddbmm", "mha_need_weights_unused"])
+def test_heads_folded_into_batch_become_multi_head_attention(name, tmp_path):
+    """3-D attention code ([B·H, L, D], B·H dynamic) runs as B·H one-head sequences in ORT."""
+    case = next(c for c in CASES if c.name == name)
+    model = case.build().eval()
+    fast = attnopt.optimize(model, case.inputs())
+    q = next(n for n in fast.exported_program().graph.nodes
+             if str(n.target) == "attnopt.attention.default").args[0].meta["val"]
+    assert q.shape[0] == 1 and not isinstance(q.shape[1], int)  # heads folded, dynamic
+    res = attnopt.export_onnx(fast, case.inputs(), tmp_path / "m.onnx")
+    node = next(n for n in onnx.load(str(res.path)).graph.node if n.op_type in ORT_ATTENTION)
+    assert node.op_type == "MultiHeadAttention"
+    assert next(a.i for a in node.attribute if a.name == "num_heads") == 1
+    assert res.report.max_error <= 1e-4
+
+
+def test_fusions_that_break_the_graph_are_dropped_not_shipped(tmp_path, monkeypatch):
+    """A graph the standard fusions break is exported unfused, with a note; never wrong."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from attnopt.export import onnx as onnx_export
+
+    real = onnx_export._standard_fusions
+
+    def fusions_with_a_bug(model, target):
+        model, counts = real(model, target)
+        weight = max(model.graph.initializers.values(), key=lambda v: v.const_value.size)
+        weight.const_value = ir.tensor(weight.const_value.numpy() * np.float32(1.5))
+        return model, counts
+
+    monkeypatch.setattr(onnx_export, "_standard_fusions", fusions_with_a_bug)
+    built = tiny("bert", batch=2, seq=24)
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
+    assert any(n.startswith("standard fusions dropped") for n in res.report.notes)
+    assert res.report.fusions == {} and res.report.max_error <= 1e-4
+    assert "SkipLayerNormalization" not in res.report.op_counts
+    assert _attention_ops(res.path) == ["MultiHeadAttention"] * built.expected_sites
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_bfloat16_model_gets_a_clear_error_and_no_file(tmp_path):
+    case = next(c for c in CASES if c.name == "float32_softmax_bf16")
+    model = case.build().eval().to(torch.bfloat16)
+    with pytest.raises(attnopt.ExportError, match="no kernel for this op.*bfloat16"):
+        attnopt.export_onnx(model, case.inputs(), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_file_permissions_follow_the_umask(tmp_path):
+    import os
+
+    res = attnopt.export_onnx(MulScale().eval(), (torch.randn(2, 12, 32),), tmp_path / "m.onnx")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert res.path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_exporting_an_optimized_model_does_not_retrace_the_user_model(tmp_path):

@@ -7,7 +7,9 @@
 Each attnopt op lowers through the translation registered for the target
 (``attnopt.export._registry``), so every attention site becomes one attention operator. The
 file is written under a temporary name and moved into place only after validation: a failed
-export never leaves a half-written ``.onnx`` behind.
+export never leaves a half-written ``.onnx`` behind. The standard fusions are optional: when
+the fused graph fails validation and the unfused one passes, the unfused file is written and
+the report says so.
 """
 
 from __future__ import annotations
@@ -190,39 +192,72 @@ def export_onnx(
     program = fast.exported_program() if dynamic else _static_program(fast)
     timings["capture"] = round(time.perf_counter() - t0, 3)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(path)
+    unfused = _temp_beside(path) if fuse and validate else None
     try:
         t0 = time.perf_counter()
         onnx_model, input_names, output_names = _convert(program, fast, target)
         timings["export"] = round(time.perf_counter() - t0, 3)
         if validate:
-            _check(onnx_model, tmp)
+            _check(onnx_model, unfused or tmp)
         if fuse:
             t0 = time.perf_counter()
             onnx_model, report.fusions = _standard_fusions(onnx_model, target)
             timings["fuse"] = round(time.perf_counter() - t0, 3)
         _save(onnx_model, tmp)
-        if validate and target == "onnx":
-            _check_file(tmp)
-        report.sites = _sites_in_graph(tmp, fast)
+        del onnx_model
         report.notes.append(_axes_note(tmp))
-        report.op_counts = dict(Counter(n.op_type for n in _load_nodes(tmp)))
+        t0 = time.perf_counter()
+        try:
+            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate)
+        except (ExportError, ValidationError) as e:
+            if unfused is None:
+                raise
+            # The fusions are an optional optimization from a third-party rewriter: a graph
+            # they break is exported without them (and says so), never with a wrong result.
+            # If the unfused graph fails too, its error (the real cause) is raised.
+            fusions = ", ".join(report.fusions)
+            report.fusions, report.parity = {}, {}
+            os.replace(unfused, tmp)
+            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate)
+            log.warning("the standard fusions broke the exported graph (%s); exported without "
+                        "them", e)
+            report.notes.append(f"standard fusions dropped ({fusions}): the fused graph failed "
+                                f"validation: {str(e)[:300]}")
         if validate:
-            t0 = time.perf_counter()
-            _validate(tmp, fast, input_names, report, dynamic)
             timings["validate"] = round(time.perf_counter() - t0, 3)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for f in (tmp, unfused):
+            if f is not None and f.exists():
+                f.unlink()
     report.file_size = path.stat().st_size
     log.info("exported %s (%s, %.1f MB)", path, target, report.file_size / 1e6)
     return ExportResult(path, target, input_names, output_names, report)
 
 
 # -- steps -----------------------------------------------------------------------------------------
+
+
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file next to ``path`` (same filesystem: ``os.replace`` is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes it private; the export is a normal file
+    return Path(name)
+
+
+def _describe_and_validate(path: Path, fast, input_names: list[str], report: ExportReport,
+                           dynamic: bool, validate: bool) -> None:
+    """Fill the report's per-site ops and op counts from the file, then validate it."""
+    if validate and report.target == "onnx":
+        _check_file(path)
+    report.sites = _sites_in_graph(path, fast)
+    report.op_counts = dict(Counter(n.op_type for n in _load_nodes(path)))
+    if validate:
+        _validate(path, fast, input_names, report, dynamic)
 
 
 def _check_writable(path: Path) -> None:
@@ -356,14 +391,23 @@ def _validate(path: Path, fast, input_names: list[str], report: ExportReport,
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnxruntime cannot load the exported model: {e}") from e
+        hint = ""
+        if "NOT_IMPLEMENTED" in str(e):
+            hint = (" (ONNX Runtime's CPU provider has no kernel for this op with these types, "
+                    "as for most bfloat16 ops: export a float32 or float16 copy of the model, "
+                    "or pass validate=False to skip the onnxruntime check)")
+        raise ExportError(f"onnxruntime cannot load the exported model: {e}{hint}") from e
     sets = fast._captured.input_sets() if dynamic else [fast.example_inputs]
     names = ["example inputs", "resized inputs"]
     for name, inputs in zip(names, sets):
         with torch.no_grad():
             ref = inputs.call(fast.graph_module)
         ref_leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-        outs = sess.run(None, _feed(input_names, inputs))
+        try:
+            outs = sess.run(None, _feed(input_names, inputs))
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnxruntime failed running the exported model on {name} "
+                              f"({inputs.describe()}): {str(e).splitlines()[0][:400]}") from e
         err = compare(ref_leaves, [torch.from_numpy(o) for o in outs])
         report.parity[f"{name} {inputs.describe()}"] = err
         if err.rel > report.tolerance:

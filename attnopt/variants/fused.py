@@ -151,22 +151,32 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
     flash-style path only without a mask or causal flag; with either it computes the scores of
     one head at a time. A causal site with a mask gets the causal pattern folded into its bias.
 
-    Falls back to the standard ``Attention`` op when the head counts are not static.
+    Heads folded into the batch (3-D attention code: q is ``[1, B·H, L, D]``, ``B·H`` dynamic)
+    run as ``B·H`` single-head sequences. Otherwise, when the head counts are not static, it
+    falls back to the standard ``Attention`` op.
     """
     from onnxscript import opset23 as op
 
     from attnopt.export import _onnx_ops as ox
 
     heads, kv_heads, dv = ox.static_dim(q, 1), ox.static_dim(k, 1), ox.static_dim(v, 3)
+    if (heads is None or kv_heads is None) and dv is not None and _heads_in_batch(q, k, v,
+                                                                                  attn_mask):
+        def swap(x):  # [1, B·H, ...] <-> [B·H, 1, ...]
+            return op.Transpose(x, perm=[1, 0, 2, 3])
+
+        bias, expand = _bias(attn_mask, q)
+        out = _multi_head_attention(swap(q), swap(k), swap(v), None if bias is None else
+                                    swap(bias), expand, is_causal, scale, heads=1)
+        return swap(out)
     if heads is None or kv_heads is None or dv is None:
         return attention_onnx(q, k, v, attn_mask, is_causal, scale)
-    ms = msft()
     if kv_heads != heads and is_causal and attn_mask is None:
         lq = op.Shape(q, start=2, end=3)
         total = op.Cast(op.Squeeze(lq), to=6)  # int32 scalar
         seqlens = op.Cast(op.Expand(op.Sub(lq, op.Constant(value_ints=[1])),
                                     op.Shape(q, start=0, end=1)), to=6)
-        out = ms.GroupQueryAttention(
+        out = msft().GroupQueryAttention(
             ox.bnsh_to_bsd(q), ox.bnsh_to_bsd(k), ox.bnsh_to_bsd(v), None, None, seqlens, total,
             num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
         )[0]
@@ -174,10 +184,44 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
     if kv_heads != heads:
         k = ox.repeat_heads(k, heads // kv_heads)
         v = ox.repeat_heads(v, heads // kv_heads)
-    bias = None
-    if attn_mask is not None:
-        expand = ox.needs_query_expand(attn_mask)
-        bias = ox.to_rank4(ox.additive(attn_mask, q), ox.rank(attn_mask))
+    bias, expand = _bias(attn_mask, q)
+    return _multi_head_attention(q, k, v, bias, expand, is_causal, scale, heads)
+
+
+def _bias(attn_mask, q):
+    """``(additive 4-D bias or None, whether its query dim must be broadcast to Lq)``."""
+    from attnopt.export import _onnx_ops as ox
+
+    if attn_mask is None:
+        return None, False
+    expand = ox.needs_query_expand(attn_mask)
+    return ox.to_rank4(ox.additive(attn_mask, q), ox.rank(attn_mask)), expand
+
+
+def _heads_in_batch(q, k, v, attn_mask) -> bool:
+    """True for the layout of attention written on 3-D ``[B·H, L, D]`` tensors.
+
+    That is q/k/v ``[1, B·H, L, D]`` with the same (dynamic) ``B·H``, and a mask (if any)
+    whose leading dim is 1.
+    """
+    from attnopt.export import _onnx_ops as ox
+
+    if any(ox.static_dim(x, 0) != 1 for x in (q, k, v)):
+        return False
+    try:
+        same = q.shape[1] == k.shape[1] == v.shape[1]
+    except (TypeError, IndexError, AttributeError):
+        return False
+    r = ox.rank(attn_mask) if attn_mask is not None else 0
+    return bool(same) and r is not None and (r < 4 or ox.static_dim(attn_mask, 0) == 1)
+
+
+def _multi_head_attention(q, k, v, bias, expand: bool, is_causal: bool, scale: float,
+                          heads: int):
+    """``com.microsoft.MultiHeadAttention`` on BNSH operands with an additive 4-D ``bias``."""
+    from attnopt.export import _onnx_ops as ox
+
+    if bias is not None:
         if is_causal:
             # A mask and causal: the causal pattern goes into the bias. ORT's CPU kernel is
             # ~10 % slower with ``unidirectional=1`` plus a bias (it builds a causal mask of its
@@ -187,7 +231,7 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
             is_causal = False
         elif expand:
             bias = ox.expand_query_dim(bias, q)
-    out = ms.MultiHeadAttention(
+    out = msft().MultiHeadAttention(
         ox.bnsh_to_bsd(q), ox.bnsh_to_bsd(k), ox.bnsh_to_bsd(v), None, None, bias,
         num_heads=heads, scale=float(scale), unidirectional=int(is_causal),
     )
