@@ -20,7 +20,7 @@ from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
 from attnopt.sites import AttentionSite, Rejected
 from attnopt.variants import Variant, implementation
-from attnopt.verify import compare, default_tolerance, record
+from attnopt.verify import compare, default_tolerance, model_dtype, record
 
 log = logging.getLogger("attnopt")
 
@@ -122,7 +122,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         captured = capture(model, inputs, dynamic=config.dynamic)
     with _timed(timings, "find"):
         sites, rejected = _find(captured)
-    tol = config.tolerance or default_tolerance(_model_dtype(model))
+    tol = config.tolerance or default_tolerance(model_dtype(model))
     report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
                     notes=list(captured.notes), timings=timings)
     with _timed(timings, "plan+check"):
@@ -264,13 +264,6 @@ def _revert_all(captured: Captured, report: Report, why: str) -> None:
             row.outcome = REVERTED
             row.note = why
     report.notes.append(f"{why}: all sites reverted")
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
 
 
 @contextmanager

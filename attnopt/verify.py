@@ -28,6 +28,14 @@ def default_tolerance(dtype: torch.dtype | None) -> float:
     return DEFAULT_TOLERANCE.get(dtype, 1e-4)
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 @dataclass(frozen=True)
 class ErrorStats:
     """How far an output is from its reference.

@@ -122,6 +122,16 @@ def test_fusions_that_break_the_graph_are_dropped_not_shipped(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+def test_float16_model_is_validated_at_the_float16_tolerance(target, tmp_path):
+    model = MulScale().eval().half()
+    res = attnopt.export_onnx(model, (torch.randn(2, 12, 32).half(),), tmp_path / "m.onnx",
+                              target=target)
+    assert res.report.tolerance == attnopt.verify.default_tolerance(torch.float16)
+    assert 0 < res.report.max_error <= res.report.tolerance
+    assert len(_attention_ops(res.path)) == 1
+
+
 def test_bfloat16_model_gets_a_clear_error_and_no_file(tmp_path):
     case = next(c for c in CASES if c.name == "float32_softmax_bf16")
     model = case.build().eval().to(torch.bfloat16)

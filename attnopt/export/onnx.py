@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from attnopt._inputs import Inputs
 from attnopt.errors import ConfigError, ExportError, ValidationError
 from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
-from attnopt.verify import ErrorStats, compare
+from attnopt.verify import ErrorStats, compare, default_tolerance, model_dtype
 
 log = logging.getLogger("attnopt.export")
 
@@ -162,7 +162,8 @@ def export_onnx(
         dynamic: keep batch / sequence axes dynamic (as captured); False exports static shapes.
         fuse: apply the standard non-attention fusions (layer norm, GELU) for the target.
         validate: run ``onnx.checker`` and onnxruntime parity checks (strongly recommended).
-        tolerance: max parity error (relative to the output's scale); default 1e-4 (fp32).
+        tolerance: max parity error (relative to the output's scale); default by the model's
+            dtype, as for ``optimize`` (1e-4 fp32, 1e-2 fp16, 3e-2 bf16).
         config: an :class:`attnopt.Config` used when ``model`` is not optimized yet.
 
     Returns:
@@ -184,7 +185,8 @@ def export_onnx(
     t0 = time.perf_counter()
     fast = model if isinstance(model, OptimizedModel) else optimize(model, example_inputs, config)
     timings["optimize"] = round(time.perf_counter() - t0, 3)
-    report = ExportReport(target=target, opset=OPSET, tolerance=tolerance or 1e-4,
+    tolerance = tolerance or default_tolerance(model_dtype(fast.graph_module))
+    report = ExportReport(target=target, opset=OPSET, tolerance=tolerance,
                           timings=timings)
     if not fast.report.rows:
         report.notes.append("the model has no attention: exported as is")
