@@ -160,15 +160,9 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
     from attnopt.export import _onnx_ops as ox
 
     heads, kv_heads, dv = ox.static_dim(q, 1), ox.static_dim(k, 1), ox.static_dim(v, 3)
-    if (heads is None or kv_heads is None) and dv is not None and _heads_in_batch(q, k, v,
-                                                                                  attn_mask):
-        def swap(x):  # [1, B·H, ...] <-> [B·H, 1, ...]
-            return op.Transpose(x, perm=[1, 0, 2, 3])
-
-        bias, expand = _bias(attn_mask, q)
-        out = _multi_head_attention(swap(q), swap(k), swap(v), None if bias is None else
-                                    swap(bias), expand, is_causal, scale, heads=1)
-        return swap(out)
+    if dv is not None and (heads is None or kv_heads is None) and _heads_in_batch(
+            q, k, v, attn_mask):
+        return _one_head_sequences(q, k, v, attn_mask, is_causal, scale)
     if heads is None or kv_heads is None or dv is None:
         return attention_onnx(q, k, v, attn_mask, is_causal, scale)
     if kv_heads != heads and is_causal and attn_mask is None:
@@ -214,6 +208,19 @@ def _heads_in_batch(q, k, v, attn_mask) -> bool:
         return False
     r = ox.rank(attn_mask) if attn_mask is not None else 0
     return bool(same) and r is not None and (r < 4 or ox.static_dim(attn_mask, 0) == 1)
+
+
+def _one_head_sequences(q, k, v, attn_mask, is_causal: bool, scale: float):
+    """Attention on ``[1, B·H, L, D]`` operands as ``B·H`` sequences of one head each."""
+    from onnxscript import opset23 as op
+
+    def swap(x):  # [1, B·H, ...] <-> [B·H, 1, ...]
+        return op.Transpose(x, perm=[1, 0, 2, 3])
+
+    bias, expand = _bias(attn_mask, q)
+    out = _multi_head_attention(swap(q), swap(k), swap(v), None if bias is None else swap(bias),
+                                expand, is_causal, scale, heads=1)
+    return swap(out)
 
 
 def _multi_head_attention(q, k, v, bias, expand: bool, is_causal: bool, scale: float,
