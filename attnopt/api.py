@@ -19,7 +19,7 @@ from attnopt.errors import ConfigError
 from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_operands_module
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
 from attnopt.sites import AttentionSite, Rejected
-from attnopt.variants import Variant, implementation
+from attnopt.variants import Fused, Variant, implementation
 from attnopt.verify import compare, default_tolerance, model_dtype, record
 
 log = logging.getLogger("attnopt")
@@ -153,15 +153,24 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
     isolation on values from the original graph, and keep the ones that pass.
     """
     candidates: list[tuple[AttentionSite, Variant]] = []
+    refusals: dict[int, str] = {}
     for site in sites:
         variant = config.variant_for(site.location)
         if variant is None:
             report.rows.append(SiteResult(site, LEFT_EXACT, note="left as is by an override"))
             continue
         reason = implementation(variant).can_apply(variant, site)
+        if reason is not None and not variant.exact:
+            # An approximate variant that cannot express a site leaves it exact: fused, the
+            # exact rewrite every site gets by default, when the site allows it.
+            refusals[site.index] = f"{variant.describe()} not applied: {reason}"
+            variant = Fused()
+            reason = implementation(variant).can_apply(variant, site)
         if reason is not None:
+            refused = refusals.get(site.index, "")
+            note = refused if reason in refused else "; ".join(filter(None, [refused, reason]))
             report.rows.append(SiteResult(site, LEFT_EXACT, variant=variant.describe(),
-                                          note=f"{variant.describe()} not applied: {reason}"))
+                                          note=note))
             continue
         candidates.append((site, variant))
     if not candidates:
@@ -178,6 +187,8 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
         impl = implementation(variant)
         row = SiteResult(site, FUSED if exact else REWRITTEN, variant=variant.describe(),
                          density=impl.density(variant, site))
+        if site.index in refusals:
+            row.note = refusals[site.index] + "; fused exactly instead"
         if config.verify:
             module, ins = checks[site.index]
             with torch.no_grad():

@@ -17,7 +17,7 @@ import attnopt.variants.neighborhood2d as nbh
 import attnopt.variants.sliding_window as swa
 import attnopt.variants.streaming as stm
 from attnopt.errors import ConfigError
-from attnopt.report import LEFT_EXACT, REWRITTEN
+from attnopt.report import FUSED, LEFT_EXACT, REWRITTEN
 from attnopt.variants import _sparse
 from attnopt.variants._base import Variant
 
@@ -469,7 +469,7 @@ def test_neighborhood_infers_the_vit_grid_and_is_exact_when_the_kernel_covers_it
     assert 0 < row.error.rel < 10
 
 
-def test_refused_sites_stay_exact_with_the_reason():
+def test_refused_sites_stay_exact_fused_with_the_reason():
     from attnopt.models import build
 
     built = build("tiny:bert")
@@ -477,12 +477,27 @@ def test_refused_sites_stay_exact_with_the_reason():
                            (nbh.Neighborhood2D(kernel=3), "token grid"),
                            (swa.SlidingWindow(window=8, causal=True), "bidirectional")]:
         fast = attnopt.optimize(built.model, built.inputs, attnopt.Config(variant=config))
-        assert all(r.outcome == LEFT_EXACT and reason in r.note for r in fast.report.rows)
-        assert not any(str(t).startswith("attnopt.") for t in _targets(fast))
+        for r in fast.report.rows:
+            assert r.outcome == FUSED and r.variant == "fused", fast.report.table()
+            assert reason in r.note and "fused exactly instead" in r.note
+        targets = [t for t in _targets(fast) if str(t).startswith("attnopt.")]
+        assert targets == [torch.ops.attnopt.attention.default] * len(fast.report.rows)
         with torch.no_grad():
             ref = built.model(**built.inputs).last_hidden_state
             out = fast(**built.inputs).last_hidden_state
-        assert torch.equal(ref, out)
+        assert attnopt.verify.compare(ref, out).rel <= 1e-5
+
+
+def test_a_site_no_variant_can_take_is_left_as_is():
+    """Returned attention weights: neither the variant nor the exact fusion may rewrite it."""
+    from zoo import ReturnsWeights
+
+    model = ReturnsWeights().eval()
+    fast = attnopt.optimize(model, (torch.randn(2, 12, 32),),
+                            attnopt.Config(variant=swa.SlidingWindow(window=4)))
+    (row,) = fast.report.rows
+    assert row.outcome == LEFT_EXACT and "not applied" in row.note and "another use" in row.note
+    assert not any(str(t).startswith("attnopt.") for t in _targets(fast))
 
 
 @pytest.mark.slow
@@ -493,7 +508,7 @@ def test_cross_attention_with_other_lengths_is_left_exact_by_windows():
     fast = attnopt.optimize(built.model, built.inputs,
                             attnopt.Config(variant=swa.SlidingWindow(window=8)))
     kinds = {r.site.kind: r for r in fast.report.rows}
-    assert kinds["cross"].outcome == LEFT_EXACT and "Lq=48 != Lk=32" in kinds["cross"].note
+    assert kinds["cross"].outcome == FUSED and "Lq=48 != Lk=32" in kinds["cross"].note
     assert kinds["self"].outcome == REWRITTEN
 
 
