@@ -143,27 +143,25 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from zoo import CASES
 
-        rows = []
-        for case in CASES:
-            rows.append(zoo_row(case))
-            print(json.dumps(rows[-1]), flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "zoo_export.json").write_text(json.dumps(rows, indent=2))
-        (RESULTS / "zoo_export.md").write_text(zoo_markdown(rows))
-        print(zoo_markdown(rows))
+        _run_and_save("zoo_export", [lambda c=c: zoo_row(c) for c in CASES], zoo_markdown)
         return
     specs = [f"tiny:{a}{m}" for a in TINY for m in ("", "-sdpa")]
     if not args.no_pretrained:
         specs += ["pkg:all-minilm-l6-v2", "pkg:smollm2"]
+    _run_and_save("models", [lambda s=s: one(s, export=not args.no_export) for s in specs],
+                  markdown)
+
+
+def _run_and_save(name: str, jobs, render) -> None:
+    """Run each job (printing its row as it ends), then write results/<name>.{json,md}."""
     rows = []
-    for spec in specs:
-        rows.append(one(spec, export=not args.no_export))
+    for job in jobs:
+        rows.append(job())
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "models.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "models.md").write_text(markdown(rows))
-    print(markdown(rows))
-
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"{name}.md").write_text(render(rows))
+    print(render(rows))
 
 if __name__ == "__main__":
     main()

@@ -206,7 +206,8 @@ def export_onnx(
             t0 = time.perf_counter()
             onnx_model, report.fusions = _standard_fusions(onnx_model, target)
             timings["fuse"] = round(time.perf_counter() - t0, 3)
-        _save(onnx_model, tmp)
+        if fuse or not validate:  # otherwise the checked file at ``tmp`` is this model
+            _save(onnx_model, tmp)
         del onnx_model
         report.notes.append(_axes_note(tmp))
         t0 = time.perf_counter()
