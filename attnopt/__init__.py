@@ -31,6 +31,17 @@ from attnopt.variants import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Subpackages loaded on first use, so ``import attnopt`` stays fast:
+    # ``attnopt.tensorrt.check(...)``.
+    if name == "tensorrt":
+        import importlib
+
+        return importlib.import_module("attnopt.tensorrt")
+    raise AttributeError(f"module 'attnopt' has no attribute {name!r}")
+
+
 __all__ = [
     "AttentionSite",
     "BlockTopK",

@@ -1,4 +1,4 @@
-"""Command line: ``attnopt inspect|optimize|export <model spec>``.
+"""Command line: ``attnopt inspect|optimize|export <model spec>``, ``attnopt check-trt <file>``.
 
 Model specs are described in ``attnopt.models`` (``tiny:bert``, ``pkg:all-minilm-l6-v2``,
 ``hf:./local-dir``, ``timm:vit_tiny_patch16_224``, ``my.module:factory``).
@@ -67,10 +67,25 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     rewriting(sp)
     sp.add_argument("-o", "--out", default="out", help="output directory (default ./out)")
-    sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"],
-                    help="onnxruntime: contrib attention ops; onnx: standard Attention")
+    sp.add_argument("--target", default="onnxruntime",
+                    choices=["onnxruntime", "onnx", "tensorrt"],
+                    help="onnxruntime: contrib attention ops; onnx: standard Attention; "
+                         "tensorrt: standard ONNX TensorRT's parser accepts (checked), plus "
+                         "the trtexec / polygraphy commands")
     sp.add_argument("--no-fuse", action="store_true", help="skip standard non-attention fusions")
+    sp.add_argument("--tensorrt-version", metavar="X.Y", default=None,
+                    help="--target tensorrt: the TensorRT release (default 11.4)")
+    sp.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="--target tensorrt: convert the model and export in this precision")
     sp.set_defaults(func=_export)
+
+    sp = sub.add_parser("check-trt", help="check an ONNX file against TensorRT's ONNX parser "
+                                          "(operator matrix; no GPU needed)")
+    sp.add_argument("onnx", help="the .onnx file")
+    sp.add_argument("--version", default=None, metavar="X.Y",
+                    help="TensorRT release, e.g. 11.4 or 10.15.1 (default 11.4)")
+    sp.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    sp.set_defaults(func=_check_trt)
     return p
 
 
@@ -121,19 +136,41 @@ def _export(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.spec.split(":", 1)[-1]) or "model"
     path = out / f"{name}.{args.target}.onnx"
+    model, inputs, trt = built.model, built.inputs, {}
+    if args.target == "tensorrt":
+        from attnopt.tensorrt._export import TensorRTTarget
+
+        target = TensorRTTarget(args.tensorrt_version or "11.4", args.precision)
+        model, inputs = target.prepare(model, inputs)  # a converted copy for fp16 / bf16
+        trt = {"tensorrt_version": target.version, "precision": args.precision}
+    elif args.tensorrt_version or args.precision:
+        from attnopt.errors import ConfigError
+
+        raise ConfigError("--tensorrt-version / --precision need --target tensorrt")
     _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
-    fast = attnopt.optimize(built.model, built.inputs, _config(args))
+    fast = attnopt.optimize(model, inputs, _config(args))
     fast.report.model = built.description
     print(fast.report.table())
     _step(f"exporting to {path} (target {args.target}) and validating in onnxruntime")
-    res = attnopt.export_onnx(fast, built.inputs, path, target=args.target,
-                              dynamic=not args.static, fuse=not args.no_fuse)
+    res = attnopt.export_onnx(fast, inputs, path, target=args.target,
+                              dynamic=not args.static, fuse=not args.no_fuse, **trt)
     print(res.report.table())
     print(f"wrote {res.path}")
     if args.json:
         data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
+
+
+def _check_trt(args) -> int:
+    """Exit status 0: compatible; 1: TensorRT would refuse the file; 2: bad arguments."""
+    from attnopt.tensorrt import DEFAULT_VERSION, check
+
+    result = check(args.onnx, args.version or DEFAULT_VERSION)
+    print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0 if result.ok else 1
 
 
 def _config(args):

@@ -12,7 +12,9 @@ attributes). A new variant adds its translations in its own module; the exporter
 
 Targets:
   * ``"onnx"``: standard ONNX ops only, opset 23 (``Attention`` where it fits);
-  * ``"onnxruntime"``: may also use ``com.microsoft`` contrib ops ONNX Runtime implements on CPU.
+  * ``"onnxruntime"``: may also use ``com.microsoft`` contrib ops ONNX Runtime implements on CPU;
+  * ``"tensorrt"``: standard ONNX ops TensorRT's ONNX parser accepts; ops without a
+    ``"tensorrt"`` translation use their ``"onnx"`` one (``attnopt.tensorrt._lowerings``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cache
 
-ONNX_TARGETS = ("onnx", "onnxruntime")
+ONNX_TARGETS = ("onnx", "onnxruntime", "tensorrt")
 OPSET = 23
 
 

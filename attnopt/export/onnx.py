@@ -150,6 +150,8 @@ def export_onnx(
     validate: bool = True,
     tolerance: float | None = None,
     config: Any = None,
+    tensorrt_version: str | None = None,
+    precision: str | None = None,
 ) -> ExportResult:
     """Export an optimized model (or optimize a plain one first) to a validated ONNX file.
 
@@ -157,14 +159,22 @@ def export_onnx(
         model: an :class:`attnopt.OptimizedModel`, or any module (optimized with ``config``).
         example_inputs: the inputs it was optimized with (tuple or dict).
         path: the ``.onnx`` file to write (its directory must exist and be writable).
-        target: ``"onnxruntime"`` (contrib attention ops, flash-style on CPU) or ``"onnx"``
-            (standard ONNX ``Attention``, opset 23).
+        target: ``"onnxruntime"`` (contrib attention ops, flash-style on CPU), ``"onnx"``
+            (standard ONNX ``Attention``, opset 23) or ``"tensorrt"`` (standard ONNX that
+            TensorRT's parser accepts, checked against its operator matrix; see
+            :mod:`attnopt.tensorrt`).
         dynamic: keep batch / sequence axes dynamic (as captured); False exports static shapes.
         fuse: apply the standard non-attention fusions (layer norm, GELU) for the target.
         validate: run ``onnx.checker`` and onnxruntime parity checks (strongly recommended).
         tolerance: max parity error (relative to the output's scale); default by the model's
             dtype, as for ``optimize`` (1e-4 fp32, 1e-2 fp16, 3e-2 bf16).
         config: an :class:`attnopt.Config` used when ``model`` is not optimized yet.
+        tensorrt_version: target ``"tensorrt"`` only: the TensorRT release the file is for
+            (default ``"11.4"``); >= 10.14 writes one ``Attention`` node per site, older
+            releases the decomposed pattern TensorRT fuses.
+        precision: target ``"tensorrt"`` only: ``"fp32"``, ``"fp16"`` or ``"bf16"``: a plain
+            model is converted (a copy) and the graph carries that precision, as strongly
+            typed TensorRT builds need; default: the model's dtype.
 
     Returns:
         An :class:`ExportResult`; ``result.session()`` opens it in onnxruntime.
@@ -177,10 +187,15 @@ def export_onnx(
     from attnopt.api import OptimizedModel, optimize
 
     if target not in ONNX_TARGETS:
-        raise ConfigError(f"unknown export target {target!r}; choose one of {ONNX_TARGETS} "
-                          "(TensorRT engines are built from the 'onnx' target's file)")
+        raise ConfigError(f"unknown export target {target!r}; choose one of {ONNX_TARGETS}")
     path = Path(path)
     _check_writable(path)
+    trt = _tensorrt_target(target, tensorrt_version, precision)
+    if trt is not None:
+        model, example_inputs = trt.prepare(model, example_inputs)
+        validate_ort = validate and trt.runs_in_onnxruntime
+    else:
+        validate_ort = validate
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fast = model if isinstance(model, OptimizedModel) else optimize(model, example_inputs, config)
@@ -195,24 +210,25 @@ def export_onnx(
     timings["capture"] = round(time.perf_counter() - t0, 3)
 
     tmp = _temp_beside(path)
-    unfused = _temp_beside(path) if fuse and validate else None
+    unfused = _temp_beside(path) if fuse and validate_ort else None
     try:
         t0 = time.perf_counter()
-        onnx_model, input_names, output_names = _convert(program, fast, target)
+        onnx_model, input_names, output_names = _convert(
+            program, fast, target, trt.translation_table() if trt is not None else None)
         timings["export"] = round(time.perf_counter() - t0, 3)
-        if validate:
+        if validate_ort:
             _check(onnx_model, unfused or tmp)
         if fuse:
             t0 = time.perf_counter()
             onnx_model, report.fusions = _standard_fusions(onnx_model, target)
             timings["fuse"] = round(time.perf_counter() - t0, 3)
-        if fuse or not validate:  # otherwise the checked file at ``tmp`` is this model
+        if fuse or not validate_ort:  # otherwise the checked file at ``tmp`` is this model
             _save(onnx_model, tmp)
         del onnx_model
         report.notes.append(_axes_note(tmp))
         t0 = time.perf_counter()
         try:
-            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate)
+            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate_ort, trt)
         except (ExportError, ValidationError) as e:
             if unfused is None:
                 raise
@@ -222,19 +238,25 @@ def export_onnx(
             fusions = ", ".join(report.fusions)
             report.fusions, report.parity = {}, {}
             os.replace(unfused, tmp)
-            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate)
+            _describe_and_validate(tmp, fast, input_names, report, dynamic, validate_ort, trt)
             log.warning("the standard fusions broke the exported graph (%s); exported without "
                         "them", e)
             report.notes.append(f"standard fusions dropped ({fusions}): the fused graph failed "
                                 f"validation: {str(e)[:300]}")
         if validate:
             timings["validate"] = round(time.perf_counter() - t0, 3)
+        if trt is not None:
+            trt.finalize(tmp)
         os.replace(tmp, path)
     finally:
         for f in (tmp, unfused):
             if f is not None and f.exists():
                 f.unlink()
     report.file_size = path.stat().st_size
+    if trt is not None:
+        trt.write_commands(path)
+        report.notes += trt.notes
+        report.opset = trt.opset or report.opset
     log.info("exported %s (%s, %.1f MB)", path, target, report.file_size / 1e6)
     return ExportResult(path, target, input_names, output_names, report)
 
@@ -253,8 +275,10 @@ def _temp_beside(path: Path) -> Path:
 
 
 def _describe_and_validate(path: Path, fast, input_names: list[str], report: ExportReport,
-                           dynamic: bool, validate: bool) -> None:
+                           dynamic: bool, validate: bool, trt=None) -> None:
     """Fill the report's per-site ops and op counts from the file, then validate it."""
+    if trt is not None:
+        trt.rewrite(path, fast, input_names, dynamic)
     if validate and report.target == "onnx":
         _check_file(path)
     report.sites = _sites_in_graph(path, fast)
@@ -278,12 +302,26 @@ def _static_program(fast) -> torch.export.ExportedProgram:
     return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
 
 
-def _convert(program, fast, target: str):
+def _tensorrt_target(target: str, version: str | None, precision: str | None):
+    """The tensorrt target's steps (``attnopt.tensorrt._export``), or None for other targets."""
+    if target != "tensorrt":
+        if version is not None or precision is not None:
+            raise ConfigError("tensorrt_version / precision apply to target='tensorrt' only; "
+                              f"got target={target!r}")
+        return None
+    from attnopt.tensorrt._export import TensorRTTarget
+    from attnopt.tensorrt._matrix import DEFAULT_VERSION
+
+    return TensorRTTarget(version or DEFAULT_VERSION, precision)
+
+
+def _convert(program, fast, target: str, table: dict | None = None):
     output_names = _output_names(fast)
     try:
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-            custom_translation_table=translation_table(target), output_names=output_names,
+            custom_translation_table=table if table is not None else translation_table(target),
+            output_names=output_names,
         )
     except Exception as e:  # noqa: BLE001 - re-raised with a readable summary
         raise ExportError(f"torch.onnx.export failed for target {target!r}: "

@@ -1,0 +1,121 @@
+"""TensorRT lowerings of the exact attention op: ``attnopt.attention`` → standard ONNX.
+
+Two forms, chosen by the TensorRT version the file is for:
+  * TensorRT >= 10.14: one opset-23 ``Attention`` node with one output (the parser maps it to
+    ``IAttention``): 4-D BNSH operands, GQA from the shapes, no ``qk_matmul_output_mode`` /
+    ``softcap``; a causal site that also has a mask gets the causal pattern folded into the
+    mask (``IAttention`` takes a mask or a causal flag, not both);
+  * older TensorRT: the pattern TensorRT's attention fusion (Myelin) matches:
+    ``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)``, the scale folded into Q
+    before the first MatMul, K / V heads repeated for GQA.
+Attention on 3-D code (heads folded into the batch: q ``[1, B·H, L, D]``, ``B·H`` dynamic) runs
+as ``B·H`` sequences of one head, so the head count TensorRT sees is static.
+
+The sparse and linear variants' ``"onnx"`` lowerings already use standard ops only (block-wise
+decompositions, no ``com.microsoft``); the ``"tensorrt"`` table reuses them, and every file is
+checked against the operator matrix before it is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def attention_op(q, k, v, attn_mask, is_causal: bool, scale: float):
+    """One ``Attention`` node (opset 23), one output."""
+    from onnxscript import opset23 as op
+
+    from attnopt.export import _onnx_ops as ox
+
+    if _heads_in_batch(q, k, v, attn_mask):
+        return _per_sequence(attention_op, q, k, v, attn_mask, is_causal, scale)
+    if attn_mask is not None:
+        expand = ox.needs_query_expand(attn_mask)
+        attn_mask = ox.to_rank4(attn_mask)
+        if is_causal:
+            attn_mask = _fold_causal(attn_mask, q, k)
+            is_causal = False
+        elif expand:
+            attn_mask = ox.expand_query_dim(attn_mask, q)
+    return op.Attention(q, k, v, attn_mask, is_causal=int(is_causal), scale=float(scale))[0]
+
+
+def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float):
+    """``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)`` (Myelin's MHA pattern)."""
+    from onnxscript import opset23 as op
+
+    from attnopt.errors import ExportError
+    from attnopt.export import _onnx_ops as ox
+
+    if _heads_in_batch(q, k, v, attn_mask):
+        return _per_sequence(attention_decomposed, q, k, v, attn_mask, is_causal, scale)
+    heads, kv_heads = ox.static_dim(q, 1), ox.static_dim(k, 1)
+    if heads is None or kv_heads is None:
+        raise ExportError("the decomposed TensorRT attention needs static head counts; got q "
+                          f"{q.shape} and k {k.shape}: export with static shapes")
+    if kv_heads != heads:
+        k = ox.repeat_heads(k, heads // kv_heads)
+        v = ox.repeat_heads(v, heads // kv_heads)
+    qs = op.Mul(q, op.CastLike(op.Constant(value_float=float(scale)), q))
+    scores = op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2]))
+    bias = None
+    if attn_mask is not None:
+        bias = ox.to_rank4(ox.additive(attn_mask, scores), ox.rank(attn_mask))
+    if is_causal:
+        if bias is None:
+            bias = op.CastLike(op.Constant(value_float=0.0), scores)
+        bias = _fold_causal(bias, q, k)
+    if bias is not None:
+        scores = op.Add(scores, bias)
+    return op.MatMul(op.Softmax(scores, axis=-1), v)
+
+
+def table(version: str) -> dict[object, Callable]:
+    """The translation table of the tensorrt target for TensorRT ``version``."""
+    from attnopt.export._registry import translation_table
+    from attnopt.tensorrt._matrix import has_attention_op
+
+    out = dict(translation_table("onnx"))
+    out.update(translation_table("tensorrt"))
+    out[torch.ops.attnopt.attention.default] = (
+        attention_op if has_attention_op(version) else attention_decomposed)
+    return out
+
+
+def _fold_causal(mask, q, k):
+    """``mask`` (rank 4, bool or additive) with key j > query i hidden (top-left aligned)."""
+    from onnxscript import opset23 as op
+
+    from attnopt.export import _onnx_ops as ox
+
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    lq = op.Squeeze(op.Shape(q, start=2, end=3))
+    lk = op.Squeeze(op.Shape(k, start=2, end=3))
+    rows = op.Unsqueeze(op.Range(zero, lq, one), op.Constant(value_ints=[1]))  # [Lq, 1]
+    visible = op.LessOrEqual(op.Range(zero, lk, one), rows)  # [Lq, Lk]
+    if ox.is_bool(mask):
+        return op.And(mask, visible)
+    return op.Where(visible, mask, op.CastLike(op.Constant(value_float=float("-inf")), mask))
+
+
+def _heads_in_batch(q, k, v, attn_mask) -> bool:
+    from attnopt.export import _onnx_ops as ox
+    from attnopt.variants.fused import _heads_in_batch as folded
+
+    return ox.static_dim(q, 1) is None and folded(q, k, v, attn_mask)
+
+
+def _per_sequence(fn, q, k, v, attn_mask, is_causal: bool, scale: float):
+    """``fn`` on ``[1, B·H, L, D]`` operands as ``B·H`` sequences of one head each."""
+    from onnxscript import opset23 as op
+
+    from attnopt.export import _onnx_ops as ox
+
+    def swap(x):  # [1, B·H, ...] <-> [B·H, 1, ...]
+        return op.Transpose(x, perm=[1, 0, 2, 3])
+
+    if attn_mask is not None:
+        attn_mask = swap(ox.to_rank4(attn_mask))
+    return swap(fn(swap(q), swap(k), swap(v), attn_mask, is_causal, scale))

@@ -1,0 +1,134 @@
+"""TensorRT-target export survey: every tiny model, zoo spelling and variant, checked without a GPU.
+
+Each row is one ``attnopt.export_onnx(..., target="tensorrt")`` call: the attention ops written,
+whether the TensorRT compatibility check (``attnopt.tensorrt.check``) passed for that version,
+and the onnxruntime (CPU) vs torch parity the export validated (relative to the output's
+scale, max over the example inputs and inputs of another batch size and length). No engine is
+built here (no GPU); the rows say what a TensorRT build would be given.
+
+Writes benchmarks/results/tensorrt_exports.{json,md}.
+
+    .venv/bin/python benchmarks/tensorrt_exports.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+
+import attnopt
+from attnopt.models import TINY, build
+
+RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+#: (label, zoo case or tiny spec, variant config) for the approximate variants.
+VARIANTS = [
+    ("sliding_window", "tiny:llama", attnopt.SlidingWindow(window=8)),
+    ("streaming", "tiny:llama", attnopt.Streaming(sinks=2, window=8)),
+    ("block_topk", "tiny:bert", attnopt.BlockTopK(block=8, k=1)),
+    ("neighborhood2d", "tiny:vit", attnopt.Neighborhood2D(kernel=3)),
+    ("linear", "tiny:bert", attnopt.Linear(feature_map="elu")),
+    ("linear causal", "tiny:gpt2", attnopt.Linear(feature_map="relu")),
+]
+
+
+def export_row(label: str, model, inputs, *, version: str = "11.4", precision=None,
+               config=None) -> dict:
+    row = {"spec": label, "version": version, "precision": precision or "model"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            res = attnopt.export_onnx(model, inputs, Path(d) / "m.onnx", target="tensorrt",
+                                      tensorrt_version=version, precision=precision,
+                                      config=config)
+            proto = onnx.load(str(res.path))
+            ops = Counter(n.op_type for n in proto.graph.node
+                          if n.op_type in ("Attention", "Softmax"))
+            row.update(ok=True, ops=dict(ops), error=res.report.max_error if res.report.parity
+                       else None, check=attnopt.tensorrt.check(res.path, version).ok,
+                       opset=res.report.opset, mb=round(res.report.file_size / 1e6, 2))
+        except Exception as e:  # noqa: BLE001 - a failure is a result here
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def jobs(quick: bool):
+    from zoo import CASES
+
+    archs = ["bert", "llama", "whisper"] if quick else list(TINY)
+    for arch in archs:
+        for mode in ("", "-sdpa"):
+            spec = f"tiny:{arch}{mode}"
+            yield lambda s=spec: export_row(s, *_built(s))
+        spec = f"tiny:{arch}"
+        yield lambda s=spec: export_row(s, *_built(s), precision="fp16")
+        yield lambda s=spec: export_row(s, *_built(s), version="10.13")
+    for label, spec, cfg in VARIANTS:
+        yield lambda label=label, s=spec, c=cfg: export_row(label, *_built(s), config=c)
+    for case in ([] if quick else CASES):
+        def zoo(case=case):
+            torch.manual_seed(0)
+            model = case.build().eval()
+            if case.extra.get("dtype") is not None:
+                model = model.to(case.extra["dtype"])
+            return export_row(f"zoo:{case.name}", model, case.inputs())
+        yield zoo
+
+
+def _built(spec: str):
+    b = build(spec, batch=2, seq=24)
+    return b.model, b.inputs
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(r: dict) -> str:
+        if not r["ok"]:
+            return "failed: " + r["error"][:150]
+        ops = ", ".join(f"{k} ×{v}" for k, v in r["ops"].items()) or "no attention"
+        err = "not run (bf16)" if r["error"] is None else f"{r['error']:.1e}"
+        return (f"{ops} | {'pass' if r['check'] else 'FAIL'} | opset {r['opset']} | {err} | "
+                f"{r['seconds']}")
+
+    lines = ["# TensorRT-target exports (`benchmarks/tensorrt_exports.py`)", "",
+             "Every row: `export_onnx(..., target=\"tensorrt\")`; attention ops in the file; "
+             "the GPU-free TensorRT compatibility check for that version; ONNX opset; "
+             "onnxruntime (CPU) vs torch parity (max over the example inputs and inputs of "
+             "another batch size and length, relative to the output's scale); export seconds "
+             "(shared 2-core machine). No engine was built (no GPU here).", "",
+             "| model / spelling | TensorRT | precision | attention ops | check | opset | "
+             "parity | s |", "|---|---|---|---|---|---|---|---:|"]
+    for r in rows:
+        body = cell(r) if r["ok"] else f"{cell(r)} | | | | |"
+        lines.append(f"| {r['spec']} | {r['version']} | {r['precision']} | {body} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="three models, no zoo")
+    args = p.parse_args()
+    rows = []
+    for job in jobs(args.quick):
+        rows.append(job())
+        print(json.dumps(rows[-1]), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    name = "tensorrt_exports" + ("_quick" if args.quick else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
