@@ -233,16 +233,14 @@ def _name_dims(graph, sizes: dict[str, tuple[int, ...]]) -> dict[str, str]:
 
 def _symbol_sizes(graph, sets: list, input_names: list[str]) -> dict[str, tuple[int, ...]]:
     """Each input dim symbol's size in every input set (symbol → one size per set)."""
-    from attnopt.export.onnx import _feed
-
-    feeds = [_feed(input_names, s) for s in sets]
+    feeds = [_input_shapes(input_names, s) for s in sets]
     out: dict[str, tuple[int, ...]] = {}
     for v in graph.input:
         if v.name not in feeds[0]:
             continue
         for axis, d in enumerate(v.type.tensor_type.shape.dim):
             if d.dim_param:
-                out.setdefault(d.dim_param, tuple(f[v.name].shape[axis] for f in feeds))
+                out.setdefault(d.dim_param, tuple(f[v.name][axis] for f in feeds))
     return out
 
 
@@ -251,9 +249,7 @@ def _shape_ranges(graph, sets: list, input_names: list[str]) -> dict:
 
     ``opt`` is the example inputs' shape; min / max span the example and resized inputs.
     """
-    from attnopt.export.onnx import _feed
-
-    shapes = [{k: list(a.shape) for k, a in _feed(input_names, s).items()} for s in sets]
+    shapes = [_input_shapes(input_names, s) for s in sets]
     inputs = {}
     dims: dict[str, dict[str, int]] = {}
     for v in graph.input:
@@ -268,6 +264,21 @@ def _shape_ranges(graph, sets: list, input_names: list[str]) -> dict:
                 dims.setdefault(d.dim_param, {"min": lo[axis], "opt": per[0][axis],
                                               "max": hi[axis]})
     return {"inputs": inputs, "dims": dims}
+
+
+def _input_shapes(input_names: list[str], inputs: Any) -> dict[str, list[int]]:
+    """ONNX input name → shape, matched to the inputs as ``ExportResult.feed`` matches them
+    (by keyword, else in order); shapes only, so any dtype (bf16 too) works.
+    """
+    import torch.utils._pytree as pytree
+
+    named = {k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}
+    if all(n in named for n in input_names):
+        chosen = [named[n] for n in input_names]
+    else:
+        leaves = [x for x in pytree.tree_leaves(inputs.args) if isinstance(x, torch.Tensor)]
+        chosen = (leaves + list(named.values()))[: len(input_names)]
+    return {n: list(t.shape) for n, t in zip(input_names, chosen)}
 
 
 def _graph_precision(graph) -> str:

@@ -29,6 +29,11 @@ _OP_TYPE_NAMES = {1: "FP32", 10: "FP16", 16: "BF16", 6: "INT32", 7: "INT64", 3: 
                   20: "FP8", 22: "INT4", 23: "FP4"}
 _MODEL_TYPE_NAMES = {"FP32": "FLOAT32", "FP16": "FLOAT16", "BF16": "BFLOAT16"}
 
+_OP_FIXES = {
+    "Attention": "export with target='tensorrt', tensorrt_version=<this release>: attnopt then "
+                 "writes the MatMul -> Softmax -> MatMul pattern TensorRT fuses",
+}
+
 _DOMAIN_FIXES = {
     "com.microsoft": "ONNX Runtime contrib ops are not parsed by TensorRT: export with "
                      "target='tensorrt' (standard ONNX only), or register a TensorRT plugin "
@@ -297,7 +302,9 @@ def _check_node(node, m: Matrix, types: dict[str, int], shapes: dict, consts: _C
         why = "not in" if support is None else "marked unsupported (N) in"
         result.problems.append(Problem(
             name, node.op_type, domain, f"{node.op_type} is {why} TensorRT {m.version}'s "
-            "ONNX operator matrix", f"rewrite {node.op_type} with supported ops (or a plugin)"
+            "ONNX operator matrix",
+            _OP_FIXES.get(node.op_type, f"rewrite {node.op_type} with supported ops (or a "
+                                        "plugin)")
             + (f"; {support.restrictions}" if support and support.restrictions else "")))
         return
     _check_types(node, name, support, m, types, result)

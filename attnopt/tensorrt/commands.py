@@ -55,6 +55,9 @@ def polygraphy_command(onnx_path: str | os.PathLike, profile: Profile | None) ->
                 "--trt-opt-shapes", *_polygraphy_shapes(profile, 1),
                 "--trt-max-shapes", *_polygraphy_shapes(profile, 2),
                 "--input-shapes", *_polygraphy_shapes(profile, 1)]
+        masks = [n for n in profile.shapes if "mask" in n]
+        if masks:  # random 0/1 masks would hide whole rows, where runtimes legitimately differ
+            cmd += ["--val-range", *(f"{n}:[1,1]" for n in masks)]
     return cmd
 
 
