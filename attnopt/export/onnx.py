@@ -278,7 +278,7 @@ def _describe_and_validate(path: Path, fast, input_names: list[str], report: Exp
                            dynamic: bool, validate: bool, trt=None) -> None:
     """Fill the report's per-site ops and op counts from the file, then validate it."""
     if trt is not None:
-        trt.rewrite(path, fast, input_names, dynamic)
+        trt.rewrite(path, fast, input_names, dynamic, validate)
     if validate and report.target == "onnx":
         _check_file(path)
     report.sites = _sites_in_graph(path, fast)

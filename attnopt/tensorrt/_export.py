@@ -94,13 +94,18 @@ class TensorRTTarget:
 
     # -- on the written file -----------------------------------------------------------------------
 
-    def rewrite(self, path: Path, fast: Any, input_names: list[str], dynamic: bool) -> None:
-        """Fix up the file in place (before validation) and run ``onnx.checker`` on it."""
+    def rewrite(self, path: Path, fast: Any, input_names: list[str], dynamic: bool,
+                validated: bool) -> None:
+        """Fix up the file in place (before validation) and run ``onnx.checker`` on it.
+
+        ``validated``: onnxruntime parity will be checked on the input sets whose shapes are
+        recorded as the file's ranges (otherwise only the example shapes are recorded).
+        """
         import onnx
 
         model = onnx.load(str(path))
         _fix_attention_nodes(model.graph)
-        sets = (fast._captured.input_sets() if dynamic and self.runs_in_onnxruntime
+        sets = (fast._captured.input_sets() if dynamic and validated
                 else [fast.example_inputs])
         _name_dims(model.graph, _symbol_sizes(model.graph, sets, input_names))
         ranges = _shape_ranges(model.graph, sets, input_names)
@@ -111,8 +116,9 @@ class TensorRTTarget:
             "attnopt.tensorrt.shape_ranges": json.dumps(ranges["inputs"]),
             "attnopt.tensorrt.dim_ranges": json.dumps(ranges["dims"]),
             "attnopt.tensorrt.shape_ranges_verified":
-                "onnxruntime parity on these shapes" if self.runs_in_onnxruntime
-                else "not run in onnxruntime (bf16): the ranges are the example shapes",
+                "onnxruntime parity on these shapes" if validated else
+                "not run in onnxruntime (" + ("bf16" if not self.runs_in_onnxruntime else
+                                              "validate=False") + "): the example shapes",
         })
         del model.metadata_props[:]
         for k, v in meta.items():
