@@ -5,7 +5,10 @@ one ``scaled_dot_product_attention`` call (flash / memory-efficient kernels; no 
 Compared with emitting ``aten.scaled_dot_product_attention`` directly, the op also carries
   * a causal flag *together with* a padding mask (SDPA accepts only one of them): when the
     padding mask lets every key through at run time, the causal kernel runs alone;
-  * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised;
+  * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised (except on
+    CUDA with a mask, whose memory-efficient kernel takes no GQA: k/v are repeated there);
+  * a mask that lets every key through is dropped, so padding-free sites reach the mask-free
+    kernels (on CUDA: flash / cuDNN for fp16 / bf16; ``_backends`` reports which one runs);
 and it is one node per site in an exported program, so each export target lowers it directly
 (ONNX ``Attention``, ``com.microsoft.MultiHeadAttention`` / ``GroupQueryAttention``).
 """
@@ -64,11 +67,18 @@ def attention(
     if is_causal and attn_mask is not None:
         attn_mask = _with_causal(attn_mask, q.shape[-2], k.shape[-2])
         is_causal = attn_mask is None
+    elif attn_mask is not None and _lets_all_through(attn_mask):
+        attn_mask = None  # a padding mask with no padding: the mask-free (flash) kernels run
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and attn_mask is not None and q.is_cuda:
+        # CUDA's masked kernel (memory-efficient) takes no GQA: without the repeat, SDPA would
+        # fall back to its math kernel and build the N×N scores.
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        gqa = False
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1],
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa,
     )
     return out.contiguous()
 
@@ -76,6 +86,11 @@ def attention(
 @attention.register_fake
 def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _lets_all_through(mask: torch.Tensor) -> bool:
+    """Whether a mask changes nothing (bool: all True; additive: all 0)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
 
 
 def _with_causal(mask: torch.Tensor, lq: int, lk: int) -> torch.Tensor | None:
