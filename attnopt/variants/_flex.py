@@ -195,9 +195,14 @@ def _score_mod(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
     if mask is None:
         return None
     m = mask.expand(shape)
+    lq, lk = shape[2] - 1, shape[3] - 1
+
+    def at(b, h, q, kv):  # indices clamped: tiles past the end of the sequence read in bounds
+        return m[b, h, q.clamp(max=lq), kv.clamp(max=lk)]
+
     if m.dtype == torch.bool:
-        return lambda score, b, h, q, kv: torch.where(m[b, h, q, kv], score, float("-inf"))
-    return lambda score, b, h, q, kv: score + m[b, h, q, kv]
+        return lambda score, b, h, q, kv: torch.where(at(b, h, q, kv), score, float("-inf"))
+    return lambda score, b, h, q, kv: score + at(b, h, q, kv)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -118,7 +118,8 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
             else s + attn_mask.float()
     if is_causal:
         lq, lk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(),
+                          float("-inf"))
     return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
