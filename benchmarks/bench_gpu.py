@@ -217,6 +217,12 @@ def pytest_section(run: Run, name: str, args: list[str], log: str, timeout: floa
     print(f"[{name}] {sec['summary']}", flush=True)
 
 
+def gpu_test_files() -> list[str]:
+    """Test files with tests marked ``gpu`` (collecting only these keeps the run short)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "mark.gpu" in p.read_text(errors="replace"))
+
+
 # -- 2. fused vs eager -----------------------------------------------------------------------------
 
 
@@ -447,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     machine(run, dev)
     steps: list[tuple[str, Callable[[], None], float]] = [
         ("pytest_gpu", lambda: pytest_section(
-            run, "pytest_gpu", ["-m", "gpu", "tests/test_gpu.py" if smoke else "tests"],
+            run, "pytest_gpu", ["-m", "gpu", *gpu_test_files()],
             "pytest_gpu.txt", min(180.0, max(30.0, run.left() - 200))), 60),
         ("fused", lambda: fused_section(run, dev, dtype, [256, 512, 1024] if smoke
                                         else [4096, 16384, 65536], heads, dim), 30),

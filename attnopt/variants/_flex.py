@@ -121,12 +121,15 @@ def _block_mask(any_: torch.Tensor, all_: torch.Tensor, mask_mod, lq: int, lk: i
     full = all_ & inside
     kv_n, kv_i = _ordered(any_ & ~full)
     full_n, full_i = _ordered(full)
-    try:
-        return fa.BlockMask.from_kv_blocks(kv_n, kv_i, full_n, full_i, BLOCK_SIZE=FLEX_BLOCK,
-                                           mask_mod=mask_mod, seq_lengths=(lq, lk))
-    except TypeError:  # torch without ``seq_lengths``
-        return fa.BlockMask.from_kv_blocks(kv_n, kv_i, full_n, full_i, BLOCK_SIZE=FLEX_BLOCK,
-                                           mask_mod=mask_mod)
+    # forward only: no transposed (query-block) tables; both keywords are recent additions
+    for extra in ({"seq_lengths": (lq, lk), "compute_q_blocks": False},
+                  {"seq_lengths": (lq, lk)}, {}):
+        try:
+            return fa.BlockMask.from_kv_blocks(kv_n, kv_i, full_n, full_i,
+                                               BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, **extra)
+        except TypeError:
+            continue
+    raise RuntimeError("BlockMask.from_kv_blocks rejected every signature tried")
 
 
 def _static_tables(pattern: Pattern, lq: int, lk: int, device: torch.device

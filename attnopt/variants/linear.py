@@ -31,6 +31,7 @@ Hedgehog / LoLCATs). ``learned`` needs it; the fixed maps can use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -160,9 +161,30 @@ def linear_attention(
     kw = key_weights(attn_mask, q.shape[1], k.shape[1], k.shape[2])
     if q.is_cuda:
         block = max(block, CUDA_MIN_BLOCK)
-    with torch.no_grad():
+    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    with torch.no_grad(), _tf32_matmuls(half):
         out = linear_attention_torch(q, k, v, kw, p, is_causal, block)
     return out.to(q.dtype)
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(on: bool):
+    """TF32 CUDA matmuls inside (restored after): for fp16 / bf16 inputs, whose own rounding is
+    coarser than TF32's, the fp32 matmuls of the kernel then run on tensor cores.
+    """
+    m = torch.backends.cuda.matmul
+    try:
+        old = m.allow_tf32 if on else None
+    except RuntimeError:  # the TF32 state was set through the newer ``fp32_precision`` API
+        old = None
+    if old is None:
+        yield
+        return
+    m.allow_tf32 = True
+    try:
+        yield
+    finally:
+        m.allow_tf32 = old
 
 
 @linear_attention.register_fake
