@@ -101,3 +101,16 @@ def test_dispatch_declines_what_flex_does_not_take():
     v = torch.randn(1, 2, 64, 48)  # Dv != D
     assert _flex.dispatch("sliding_window", q, k, v, None, 8, True, 0.1) is None
     assert _flex.block_topk(q, k, k, None, 96, 1, True, True, 0.1) is None  # 96 vs 128 tiles
+
+
+def test_softcap_flex_form_matches_dense_reference():
+    q, k, v, keep = _operands()
+    scale, cap = D ** -0.5, 2.0
+    out = _flex.softcap_attention(q, k, v, keep, True, scale, cap)
+    rep = H // HKV
+    s = (q.double() @ k.double().repeat_interleave(rep, 1).transpose(-2, -1)) * scale
+    s = cap * torch.tanh(s / cap)
+    s = s.masked_fill(~keep, float("-inf"))
+    s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    want = (s.softmax(-1) @ v.double().repeat_interleave(rep, 1)).float()
+    assert rel_err(want, out) < TOL

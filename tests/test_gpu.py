@@ -164,3 +164,18 @@ def test_optimize_tiny_llama_on_cuda_sliding_window():
     with torch.no_grad():
         fast(**inputs)
     assert not _flex._warned
+
+
+def test_softcap_flex_on_cuda():
+    q, k, v = _qkv(h=8, hkv=2, lq=1500, d=64)
+    mask = torch.ones(1, 1, 1, 1500, dtype=torch.bool, device=DEV)
+    mask[..., 1400:] = False
+    scale, cap = 0.125, 5.0
+    out = _flex.softcap_attention(q, k, v, mask, True, scale, cap)
+    rep = q.shape[1] // k.shape[1]
+    s = (q.double() @ k.double().repeat_interleave(rep, 1).transpose(-2, -1)) * scale
+    s = (cap * torch.tanh(s / cap)).masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~torch.ones(1500, 1500, dtype=torch.bool, device=DEV).tril(),
+                      float("-inf"))
+    want = s.softmax(-1) @ v.double().repeat_interleave(rep, 1)
+    assert rel_err(want, out) < BF16_TOL

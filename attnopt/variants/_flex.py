@@ -208,11 +208,26 @@ def _score_mod(mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
     return lambda score, b, h, q, kv: score + at(b, h, q, kv)
 
 
+def _capped(score_mod, softcap: float):
+    """``softcap · tanh(score / softcap)`` first, then ``score_mod`` (the mask comes after the cap,
+    as the models write it).
+    """
+    if score_mod is None:
+        return lambda score, b, h, q, kv: softcap * torch.tanh(score / softcap)
+    return lambda score, b, h, q, kv: score_mod(softcap * torch.tanh(score / softcap), b, h, q,
+                                                kv)
+
+
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-        block_mask, scale: float) -> torch.Tensor:
-    """``flex_attention`` under ``block_mask`` and the user's 4-D ``mask``; ``[B, H, Lq, Dv]``."""
+        block_mask, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """``flex_attention`` under ``block_mask`` and the user's 4-D ``mask``; ``[B, H, Lq, Dv]``.
+
+    ``softcap``: cap the scaled scores as ``softcap · tanh(s / softcap)`` before the mask.
+    """
     b, h, lq, _ = q.shape
     score_mod = _score_mod(mask, (b, h, lq, k.shape[2]))
+    if softcap is not None:
+        score_mod = _capped(score_mod, softcap)
     with _limit_patch():
         out = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                           enable_gqa=k.shape[1] != h)
@@ -299,12 +314,24 @@ def block_topk(q, k, v, attn_mask, block: int, topk: int, causal: bool, own_bloc
     return run(q, k, v, mask, topk_block_mask(chosen.contiguous(), block, causal, lq, lk), scale)
 
 
+def softcap_attention(q, k, v, attn_mask, is_causal: bool, scale: float, softcap: float):
+    """FlexAttention form of exact attention with soft-capped logits (Gemma-2): the cap is a
+    ``score_mod``; causal sites skip the future tiles.
+    """
+    mask = _mask4(q, k, v, attn_mask)
+    lq, lk = q.shape[2], k.shape[2]
+    bm = static_block_mask(("causal",), band(lq + lk, 0), lq, lk, q.device) if is_causal \
+        else None
+    return run(q, k, v, mask, bm, scale, softcap=softcap)
+
+
 def dispatch(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
              ) -> torch.Tensor | None:
     """The variant op's CUDA path: its FlexAttention form, or None (run the blocked kernel).
 
     Args:
-        name: ``sliding_window``, ``streaming``, ``block_topk`` or ``neighborhood2d``.
+        name: ``sliding_window``, ``streaming``, ``block_topk``, ``neighborhood2d`` or
+            ``softcap_attention``.
         q, k, v: canonical operands (see the op).
         *args: the op's remaining arguments, in its order.
     """
