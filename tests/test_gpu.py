@@ -51,13 +51,15 @@ FUSED_CASES = {
     "padding-mask": (8, "padding", False, {"efficient", "cudnn"}),
     "padding-mask-gqa": (2, "padding", False, {"efficient", "cudnn"}),
     "causal-padding-mask-gqa": (2, "padding", True, {"efficient", "cudnn"}),
+    "fp32-gqa": (2, None, True, {"efficient", "cudnn"}),
 }
 
 
 @pytest.mark.parametrize("name", list(FUSED_CASES))
 def test_fused_op_reaches_a_fused_kernel(name):
     hkv, mask_kind, causal, ok = FUSED_CASES[name]
-    q, k, v = _qkv(hkv=hkv, lq=1000)
+    dtype = torch.float32 if name.startswith("fp32") else torch.bfloat16
+    q, k, v = _qkv(hkv=hkv, lq=1000, dtype=dtype)
     mask = None
     if mask_kind is not None:
         mask = torch.ones(1, 1, 1, 1000, dtype=torch.bool, device=DEV)

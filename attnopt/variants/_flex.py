@@ -32,7 +32,7 @@ log = logging.getLogger("attnopt")
 #: tile side of the block masks (FlexAttention's default sparse block size).
 FLEX_BLOCK = 128
 #: query rows per step when a static pattern is evaluated into its tile tables.
-_TABLE_ROWS = 2048
+_TABLE_ROWS = 1024
 #: the compiled ``flex_attention`` (one per process; Dynamo keeps one graph per shape).
 _COMPILED: Callable[..., torch.Tensor] | None = None
 #: block masks of static patterns, by (pattern name, parameters, Lq, Lk, device).

@@ -6,7 +6,7 @@ Compared with emitting ``aten.scaled_dot_product_attention`` directly, the op al
   * a causal flag *together with* a padding mask (SDPA accepts only one of them): when the
     padding mask lets every key through at run time, the causal kernel runs alone;
   * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised (except on
-    CUDA with a mask, whose memory-efficient kernel takes no GQA: k/v are repeated there);
+    CUDA where flash cannot run — a mask, fp32 — as the other kernels take no GQA there);
   * a mask that lets every key through is dropped, so padding-free sites reach the mask-free
     kernels (on CUDA: flash / cuDNN for fp16 / bf16; ``_backends`` reports which one runs);
 and it is one node per site in an exported program, so each export target lowers it directly
@@ -72,9 +72,10 @@ def attention(
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
     gqa = k.shape[1] != q.shape[1]
-    if gqa and attn_mask is not None and q.is_cuda:
-        # CUDA's masked kernel (memory-efficient) takes no GQA: without the repeat, SDPA would
-        # fall back to its math kernel and build the N×N scores.
+    if gqa and q.is_cuda and not _flash_takes(q, attn_mask):
+        # Only CUDA's flash kernel takes GQA (torch <= 2.12): where flash cannot run (a mask,
+        # fp32, head dim > 256), SDPA would fall back to its math kernel and build the N×N
+        # scores; with k / v repeated the memory-efficient kernel runs instead.
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
         gqa = False
     out = F.scaled_dot_product_attention(
@@ -86,6 +87,11 @@ def attention(
 @attention.register_fake
 def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _flash_takes(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether CUDA's flash kernel can run this site (no mask, fp16 / bf16, head dim <= 256)."""
+    return attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
 def _lets_all_through(mask: torch.Tensor) -> bool:
