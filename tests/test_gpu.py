@@ -137,6 +137,19 @@ def test_linear_on_cuda_matches_cpu_and_reference(causal):
     assert rel_err(want, out.cpu()) < 1e-3
 
 
+def test_linear_on_cuda_bf16_uses_tf32_within_bf16_error():
+    q, k, v = _qkv(h=8, hkv=2, lq=1000, d=64)
+    scale = q.shape[-1] ** -0.5
+    before = torch.backends.cuda.matmul.allow_tf32
+    out = torch.ops.attnopt.linear_attention(q, k, v, None, None, None, None, None, None, True,
+                                             scale, "elu", 64)
+    assert torch.backends.cuda.matmul.allow_tf32 == before, "TF32 setting not restored"
+    p = lin.MapParams("elu", scale, None, None, None, None, None)
+    want = lin.reference_quadratic(q.cpu().float(), k.cpu().float(), v.cpu().float(), None, p,
+                                   is_causal=True)
+    assert out.dtype == torch.bfloat16 and rel_err(want, out.cpu()) < BF16_TOL
+
+
 # -- end to end --
 
 
