@@ -392,6 +392,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# GPU check ({m.get('gpu', m.get('device', '?'))}, torch {m.get('torch')}, "
              f"CUDA {m.get('cuda')})", ""]
     secs = data["sections"]
+    st = data.get("setup", {})
+    setup = f"{st.get('dtype', '?')}, batch 1, {st.get('heads', '?')} heads × {st.get('dim', '?')}"
     for name, sec in secs.items():
         if "status" in sec or "summary" in sec:
             lines.append(f"- **{name}**: {sec.get('status', '')} "
@@ -399,7 +401,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines.append("")
     fused = secs.get("fused", {}).get("rows", [])
     if fused:
-        lines += ["## Fused vs eager (bf16, batch 1, 16 heads × 128, bidirectional)", "",
+        lines += [f"## Fused vs eager ({setup}, bidirectional)", "",
                   "| N | SDPA backend | fused ms | eager ms | speedup | fused peak GiB | "
                   "eager peak GiB | rel err |", "|---|---|---|---|---|---|---|---|"]
         for r in fused:
@@ -412,7 +414,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append("")
     rows = secs.get("sparse", {}).get("rows", []) + secs.get("linear", {}).get("rows", [])
     if rows:
-        lines += ["## Sparse and linear vs SDPA flash (bf16, batch 1, 16 heads × 128)", "",
+        lines += [f"## Sparse and linear vs SDPA flash ({setup}; causal except Neighborhood2D)",
+                  "",
                   "| N | variant | density | flash ms | variant ms | speedup | ideal | "
                   "fraction of ideal |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -449,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if smoke else torch.bfloat16
     heads, dim = (2, 32) if smoke else (16, 128)
     run = Run(args.outdir, args.budget_s, smoke)
+    run.data["setup"] = {"dtype": str(dtype).replace("torch.", ""), "heads": heads, "dim": dim,
+                         "batch": 1}
     skip = set(filter(None, args.skip.split(",")))
     machine(run, dev)
     steps: list[tuple[str, Callable[[], None], float]] = [
