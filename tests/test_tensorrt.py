@@ -157,7 +157,7 @@ def test_build_engine_without_tensorrt_is_a_typed_error(bert, tmp_path):
 
 
 @pytest.mark.gpu
-def test_engine_build_and_parity_on_a_gpu(bert, tmp_path):
+def test_engine_build_and_parity_on_a_gpu(request, tmp_path):
     try:
         import_tensorrt()
     except EngineBuildError as e:
@@ -166,7 +166,7 @@ def test_engine_build_and_parity_on_a_gpu(bert, tmp_path):
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
     from attnopt.tensorrt.engine import parity
 
-    res, built = bert
+    res, built = request.getfixturevalue("bert")  # only once TensorRT is known to be there
     fast = attnopt.optimize(built.model, built.inputs)
     build = attnopt.tensorrt.build_engine(res.path, tmp_path / "m.plan",
                                           timing_cache=tmp_path / "t.cache")
@@ -395,3 +395,18 @@ def test_check_knows_types_opsets_and_versions():
     assert not check(_model([attn], inputs=_qkv()), "10.13").ok  # parsed since 10.14
     with pytest.raises(attnopt.ConfigError, match="known versions are"):
         check(_model([relu]), "12.0")
+
+
+def test_a_file_failing_the_check_is_an_export_error_and_not_written(tmp_path, monkeypatch):
+    """The check runs inside the export: a lowering that emits contrib ops (an attnopt bug,
+    simulated with the onnxruntime target's table) fails with the node, and leaves no file."""
+    from attnopt.export._registry import translation_table
+    from attnopt.tensorrt import _lowerings
+
+    monkeypatch.setattr(_lowerings, "table", lambda version: translation_table("onnxruntime"))
+    case = _case("mul_scale")
+    with pytest.raises(attnopt.ExportError, match=r"not TensorRT 11.4-compatible(.|\n)*"
+                                                  r"com\.microsoft::MultiHeadAttention"):
+        attnopt.export_onnx(case.build().eval(), case.inputs(), tmp_path / "m.onnx",
+                            target="tensorrt")
+    assert list(tmp_path.iterdir()) == []
