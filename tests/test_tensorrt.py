@@ -262,7 +262,6 @@ def test_neighborhood2d_exports_for_tensorrt(tmp_path):
 @pytest.mark.parametrize("name, precision", [
     ("folded_bmm", None),       # heads folded into the batch: B·H one-head sequences
     ("gqa_repeat_kv", "fp16"),
-    ("alibi", None),            # float bias mask
 ])
 def test_zoo_spellings_export_for_tensorrt(name, precision, tmp_path):
     case = _case(name)
