@@ -143,7 +143,8 @@ def check(onnx_path: str | os.PathLike | Any, version: str = DEFAULT_VERSION) ->
     _check_opset(model, m, result)
     _check_io(model.graph, m, types, result)
     seen_notes: set[str] = set()
-    for node in _nodes(model.graph):
+    functions = {(f.domain, f.name): f for f in model.functions}
+    for node in _nodes(model.graph, functions):
         result.nodes += 1
         _check_node(node, m, types, shapes, consts, result, seen_notes)
     return result
@@ -237,13 +238,19 @@ def _numel(dims) -> int:
     return n
 
 
-def _nodes(graph, prefix: str = "") -> Iterator[Any]:
-    """Every node, subgraphs (If / Loop / Scan bodies) included."""
+def _nodes(graph, functions: dict) -> Iterator[Any]:
+    """Every node: subgraphs (If / Loop / Scan bodies) included, and a call of one of the
+    model's local functions replaced by the function's nodes (the parser imports them).
+    """
     for node in graph.node:
+        body = functions.get((node.domain, node.op_type))
+        if body is not None:
+            yield from _nodes(body, {k: v for k, v in functions.items() if v is not body})
+            continue
         yield node
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _nodes(sub, f"{prefix}{node.name}/")
+                yield from _nodes(sub, functions)
 
 
 def _check_opset(model, m: Matrix, result: CheckResult) -> None:
