@@ -64,7 +64,7 @@ def export_row(label: str, model, inputs, *, version: str = "11.4", precision=No
 
 
 def jobs(quick: bool):
-    """Variants first, then every tiny model, the zoo, fp16, and the pre-10.14 form."""
+    """Variants, every tiny model (fp32, fp16, pre-10.14 form), the sdpa twins, then the zoo."""
     from zoo import CASES
 
     archs = ["bert", "llama", "whisper"] if quick else list(TINY)
@@ -72,8 +72,11 @@ def jobs(quick: bool):
         yield lambda label=label, s=spec, c=cfg: export_row(
             label, *_built(s), config=attnopt.Config(variant=c))
     for arch in archs:
-        for mode in ("", "-sdpa"):
-            yield lambda s=f"tiny:{arch}{mode}": export_row(s, *_built(s))
+        yield lambda s=f"tiny:{arch}": export_row(s, *_built(s))
+        yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), precision="fp16")
+        yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), version="10.13")
+    for arch in archs:
+        yield lambda s=f"tiny:{arch}-sdpa": export_row(s, *_built(s))
     for case in ([] if quick else CASES):
         def zoo(case=case):
             torch.manual_seed(0)
@@ -82,10 +85,6 @@ def jobs(quick: bool):
                 model = model.to(case.extra["dtype"])
             return export_row(f"zoo:{case.name}", model, case.inputs())
         yield zoo
-    for arch in archs:
-        yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), precision="fp16")
-    for arch in archs:
-        yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), version="10.13")
 
 
 def _built(spec: str):

@@ -171,7 +171,8 @@ def test_engine_build_and_parity_on_a_gpu(request, tmp_path):
     build = attnopt.tensorrt.build_engine(res.path, tmp_path / "m.plan",
                                           timing_cache=tmp_path / "t.cache")
     assert build.plan_path.stat().st_size > 0 and (tmp_path / "t.cache").exists()
-    assert parity(fast, built.inputs, res, build.plan_path).rel <= 1e-3
+    # float32 graph, but TensorRT's builder enables TF32 matmuls by default (10-bit mantissa)
+    assert parity(fast, built.inputs, res, build.plan_path).rel <= 1e-2
 
 
 # -- more exports: GQA, encoder-decoder, fp16, older TensorRT, variants, zoo -----------------------
