@@ -66,7 +66,8 @@ class TensorRTTarget:
                     "pass the plain model (attnopt converts a copy, then optimizes it) or "
                     "optimize a model already in that dtype")
             return model, example_inputs
-        if dtype == torch.float32:
+        have = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if have in (None, dtype):
             return model, example_inputs
         converted = copy.deepcopy(model).to(dtype)
         self.notes.append(f"precision {self.precision}: a converted copy of the model was "
