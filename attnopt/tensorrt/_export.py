@@ -67,9 +67,9 @@ class TensorRTTarget:
                     "optimize a model already in that dtype")
             return model, example_inputs
         have = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if have in (None, dtype):
+        if have == dtype:
             return model, example_inputs
-        converted = copy.deepcopy(model).to(dtype)
+        converted = copy.deepcopy(model).to(dtype) if have is not None else model
         self.notes.append(f"precision {self.precision}: a converted copy of the model was "
                           "optimized and exported (weights and activations in "
                           f"{self.precision}; LayerNormalization statistics in float32)")
