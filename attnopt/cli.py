@@ -138,9 +138,10 @@ def _export(args) -> int:
     path = out / f"{name}.{args.target}.onnx"
     model, inputs, trt = built.model, built.inputs, {}
     if args.target == "tensorrt":
+        from attnopt.tensorrt import DEFAULT_VERSION
         from attnopt.tensorrt._export import TensorRTTarget
 
-        target = TensorRTTarget(args.tensorrt_version or "11.4", args.precision)
+        target = TensorRTTarget(args.tensorrt_version or DEFAULT_VERSION, args.precision)
         model, inputs = target.prepare(model, inputs)  # a converted copy for fp16 / bf16
         trt = {"tensorrt_version": target.version, "precision": args.precision}
     elif args.tensorrt_version or args.precision:
