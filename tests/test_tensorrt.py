@@ -35,10 +35,14 @@ def _assert_tensorrt_ready(res, version: str = "11.4") -> onnx.ModelProto:
     onnx.checker.check_model(str(res.path), full_check=True)
     model = onnx.load(str(res.path))
     assert {n.domain for n in model.graph.node} <= STANDARD
+    types = {v.name: v.type.tensor_type.elem_type for v in [
+        *onnx.shape_inference.infer_shapes(model).graph.value_info, *model.graph.input]}
     for node in model.graph.node:
         if node.op_type == "Attention":
             assert len(node.output) == 1
             assert not {a.name for a in node.attribute} & {"qk_matmul_output_mode", "softcap"}
+            if len(node.input) > 3 and types.get(node.input[3]) != TensorProto.BOOL:
+                assert types.get(node.input[3]) == types[node.input[0]]  # mask in q's dtype
     text = res.path.with_name(res.path.stem + ".trt.txt").read_text()
     assert f"--onnx={res.path.name}" in text and "--stronglyTyped" in text
     assert "polygraphy run" in text and "--trt --onnxrt" in text
@@ -54,16 +58,20 @@ def _attention_ops(model) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
+    """tiny bert: layer 0 exact (one Attention node), layer 1 a bidirectional sliding window
+    (block-wise band decomposition)."""
     built = tiny("bert", batch=2, seq=24)
     path = tmp_path_factory.mktemp("trt") / "bert.onnx"
-    res = attnopt.export_onnx(built.model, built.inputs, path, target="tensorrt")
+    config = attnopt.Config(overrides={"encoder.layer.1.*": attnopt.SlidingWindow(window=4)})
+    res = attnopt.export_onnx(built.model, built.inputs, path, target="tensorrt", config=config)
     return res, built
 
 
 def test_bert_export_is_tensorrt_ready_and_matches_torch(bert):
-    res, built = bert
+    res, _ = bert
     model = _assert_tensorrt_ready(res)
-    assert _attention_ops(model) == ["Attention"] * built.expected_sites
+    assert _attention_ops(model) == ["Attention", "Softmax"]
+    assert [s.variant.split("(")[0] for s in res.report.sites] == ["fused", "SlidingWindow"]
     assert res.report.target == "tensorrt" and len(res.report.parity) == 2
     assert res.report.max_error <= 1e-4
     assert any("TensorRT 11.4 check passed" in n for n in res.report.notes)
@@ -167,7 +175,8 @@ def test_engine_build_and_parity_on_a_gpu(request, tmp_path):
     from attnopt.tensorrt.engine import parity
 
     res, built = request.getfixturevalue("bert")  # only once TensorRT is known to be there
-    fast = attnopt.optimize(built.model, built.inputs)
+    fast = attnopt.optimize(built.model, built.inputs, attnopt.Config(
+        overrides={"encoder.layer.1.*": attnopt.SlidingWindow(window=4)}))
     build = attnopt.tensorrt.build_engine(res.path, tmp_path / "m.plan",
                                           timing_cache=tmp_path / "t.cache")
     assert build.plan_path.stat().st_size > 0 and (tmp_path / "t.cache").exists()
@@ -180,10 +189,10 @@ def test_engine_build_and_parity_on_a_gpu(request, tmp_path):
 
 def test_older_tensorrt_gets_the_decomposed_pattern(tmp_path):
     """Pre-10.14: MatMul -> Add(mask) -> Softmax -> MatMul, opset converted to 20; gpt2's second
-    layer also carries a sliding window (block-wise band, one Softmax)."""
-    config = attnopt.Config(overrides={"transformer.h.1.*": attnopt.SlidingWindow(window=4)})
+    layer is a streaming site (sinks + causal band, one Softmax)."""
+    config = attnopt.Config(overrides={"transformer.h.1.*": attnopt.Streaming(sinks=2, window=4)})
     res = _export_tiny_and_check("gpt2", "10.13", None, tmp_path, config)
-    assert [s.variant.split("(")[0] for s in res.report.sites] == ["fused", "SlidingWindow"]
+    assert [s.variant.split("(")[0] for s in res.report.sites] == ["fused", "Streaming"]
 
 
 @pytest.mark.slow
@@ -215,18 +224,19 @@ def _export_tiny_and_check(arch, version, precision, tmp_path, config=None):
     return res
 
 
-def test_sparse_variants_export_for_tensorrt_in_fp16(tmp_path):
-    """Block-wise decompositions in standard ops (float32 inside, fp16 at the boundary): one
-    fp16 export of a GQA model, a variant per layer."""
+def test_gqa_model_exports_in_fp16(tmp_path):
+    """tiny llama in fp16: layer 0 exact (GQA from the shapes, causal folded into the padding
+    mask, the mask in fp16), layer 1 block top-k (float32 inside, fp16 at the boundary)."""
     built = tiny("llama", batch=2, seq=16)
-    config = attnopt.Config(overrides={
-        "model.layers.0.*": attnopt.Streaming(sinks=2, window=4),
-        "model.layers.1.*": attnopt.BlockTopK(block=4, k=1)})
+    config = attnopt.Config(overrides={"model.layers.1.*": attnopt.BlockTopK(block=4, k=1)})
     res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx", target="tensorrt",
                               config=config, precision="fp16")
     model = _assert_tensorrt_ready(res)
-    assert "Attention" not in {n.op_type for n in model.graph.node}
-    assert [s.variant.split("(")[0] for s in res.report.sites] == ["Streaming", "BlockTopK"]
+    assert _attention_ops(model) == ["Attention", "Softmax"]
+    assert [s.variant.split("(")[0] for s in res.report.sites] == ["fused", "BlockTopK"]
+    (attn,) = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attn.input) == 4 and not next(
+        (a.i for a in attn.attribute if a.name == "is_causal"), 0)
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert len(res.report.parity) == 2 and res.report.max_error <= 1e-2
 

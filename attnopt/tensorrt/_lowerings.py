@@ -3,8 +3,9 @@
 Two forms, chosen by the TensorRT version the file is for:
   * TensorRT >= 10.14: one opset-23 ``Attention`` node with one output (the parser maps it to
     ``IAttention``): 4-D BNSH operands, GQA from the shapes, no ``qk_matmul_output_mode`` /
-    ``softcap``; a causal site that also has a mask gets the causal pattern folded into the
-    mask (``IAttention`` takes a mask or a causal flag, not both);
+    ``softcap``, an additive mask in q's dtype (a strongly typed network keeps it); a causal
+    site that also has a mask gets the causal pattern folded into the mask (``IAttention``
+    takes a mask or a causal flag, not both);
   * older TensorRT: the pattern TensorRT's attention fusion (Myelin) matches:
     ``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)``, the scale folded into Q
     before the first MatMul, K / V heads repeated for GQA.
@@ -34,6 +35,8 @@ def attention_op(q, k, v, attn_mask, is_causal: bool, scale: float):
     if attn_mask is not None:
         expand = ox.needs_query_expand(attn_mask)
         attn_mask = ox.to_rank4(attn_mask)
+        if not ox.is_bool(attn_mask):  # an additive mask in q's dtype, as the torch op casts it
+            attn_mask = op.CastLike(attn_mask, q)
         if is_causal:
             attn_mask = _fold_causal(attn_mask, q, k)
             is_causal = False
