@@ -121,8 +121,33 @@ def main(argv: list[str]) -> None:
         versions[version] = entry
     data["versions"] = dict(sorted(versions.items(), key=lambda kv: tuple(
         int(x) for x in kv[0].split("."))))
-    OUT.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    OUT.write_text(_dump(data))
     print(f"wrote {OUT} ({len(versions)} versions)")
+
+
+def _dump(data: dict) -> str:
+    """JSON with one line per operator and per rule (readable diffs, a short file)."""
+    def block(d: dict, indent: str) -> str:
+        rows = [f'{indent}{json.dumps(k)}: {json.dumps(v)}' for k, v in d.items()]
+        return "{\n" + ",\n".join(rows) + "\n" + indent[:-1] + "}"
+
+    parts = []
+    for key, value in data.items():
+        if key == "versions":
+            vs = []
+            for v, entry in value.items():
+                fields = [f'   {json.dumps(k)}: ' + (block(x, "    ") if k == "ops"
+                                                      else json.dumps(x))
+                          for k, x in entry.items()]
+                vs.append(f'  {json.dumps(v)}: {{\n' + ",\n".join(fields) + "\n  }")
+            parts.append(' "versions": {\n' + ",\n".join(vs) + "\n }")
+        elif key == "rules":
+            rules = [f'  {json.dumps(op)}: [\n' + ",\n".join(f"   {json.dumps(r)}" for r in rs)
+                     + "\n  ]" for op, rs in value.items()]
+            parts.append(' "rules": {\n' + ",\n".join(rules) + "\n }")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 if __name__ == "__main__":
