@@ -194,3 +194,30 @@ def test_every_model_table_model_gets_a_valid_config(tmp_path, arch):
         config = check_model_dir(m.model_dir)
         assert [t.name for t in config.input] == res.input_names
         assert [t.name for t in config.output] == res.output_names
+
+
+def test_session_providers_threads_and_iobinding(model_file):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from attnopt.export.onnx import ExportReport, ExportResult
+
+    res = ExportResult(model_file, "onnx", ["x", "mask"], ["y"], ExportReport("onnx", 21))
+    sess = res.session(threads=1)
+    expected = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                if p in ort.get_available_providers()]
+    assert sess.get_providers() == expected
+    assert res.session(providers=["cpu"]).get_providers() == ["CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ConfigError, match="'TensorrtExecutionProvider' is not available"):
+            res.session(providers=["tensorrt", "cpu"])
+    with pytest.raises(ConfigError, match="not an onnxruntime.SessionOptions attribute"):
+        res.session(intra_op_threads=2)
+    inputs = {"x": torch.randn(2, 5, 4), "mask": torch.ones(2, 5, dtype=torch.long)}
+    binding = res.bind(sess, inputs, device="cpu")
+    sess.run_with_iobinding(binding)
+    got = binding.copy_outputs_to_cpu()[0]
+    ref = sess.run(None, res.feed(inputs))[0]
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(got, inputs["x"].numpy() + 1.0)
