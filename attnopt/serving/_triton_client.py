@@ -104,13 +104,18 @@ def load(args):
     elapsed = time.perf_counter() - t0
     client.close()
     after = _stats(args.url, args.model)
+    deadline = time.monotonic() + 2.0  # the server counts a request just after answering it
+    while after["requests"] - before["requests"] < len(latencies) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = _stats(args.url, args.model)
     lat = np.array(latencies) * 1e3
     print(json.dumps({
         "requests": args.requests, "completed": len(latencies), "concurrency": args.concurrency,
         "errors": len(errors) + args.requests - len(latencies), "first_error": errors[:1],
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-        "throughput_rps": len(latencies) / elapsed,
+        "throughput_rps": len(latencies) / elapsed, "elapsed_s": elapsed,
+        "latencies_ms": [round(x, 4) for x in lat.tolist()],
         "server_requests": after["requests"] - before["requests"],
         "server_executions": after["executions"] - before["executions"],
     }))
