@@ -111,3 +111,17 @@ def test_serve_a_bare_onnx_file(exported):
         stats = server.statistics("vit")["model_stats"][0]
         assert stats["inference_stats"]["success"]["count"] == 1
     assert not server.alive()
+
+
+def test_cli_serve_starts_and_stops(tmp_path, capsys):
+    from test_serving import _onnx
+
+    from attnopt.cli import main
+
+    path = _onnx(tmp_path / "tiny.onnx")
+    assert main(["serve", str(path), "--for", "0.5"]) == 0
+    out = capsys.readouterr()
+    assert "serving tiny at http://127.0.0.1:" in out.out
+    assert "tritonserver stopped" in out.err
+    assert main(["serve", str(tmp_path / "missing.onnx")]) == 2
+    assert "neither a model repository nor an .onnx file" in capsys.readouterr().err
