@@ -1,7 +1,7 @@
 """Triton model repositories: configs checked by Triton's own schema, and the semantic checks.
 
 Fast: small ONNX files made with ``onnx.helper`` (no torch export). The exported tiny models are
-covered in tests/test_serving_e2e.py (bert, vit, all three layouts) and, opt-in, every
+served in tests/test_serving_e2e.py (bert, vit) and, opt-in, every
 model-table architecture (ATTNOPT_SERVE_ALL_MODELS=1).
 """
 
