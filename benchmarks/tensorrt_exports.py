@@ -95,7 +95,7 @@ def _built(spec: str):
 def markdown(rows: list[dict]) -> str:
     def cell(r: dict) -> str:
         if not r["ok"]:
-            return "failed: " + r["error"][:150]
+            return "failed: " + " ".join(r["error"].split())[:220].replace("|", "/")
         ops = ", ".join(f"{k} ×{v}" for k, v in r["ops"].items()) or "no attention"
         err = "not run (bf16)" if r["error"] is None else f"{r['error']:.1e}"
         return (f"{ops} | {'pass' if r['check'] else 'FAIL'} | opset {r['opset']} | {err} | "
