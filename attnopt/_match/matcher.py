@@ -700,7 +700,8 @@ class Matcher:
     def _check_rank(self, g: SiteGraph) -> None:
         """Sites of rank 2..4 map to 4-D SDPA directly; rank 5+ flattens the middle (head)
         dims, so q, k, v must agree there and the mask must cover them all or none of them
-        (or be expanded over static ones)."""
+        (or be expanded over static ones).
+        """
         if g.rank <= 4:
             return
         qs, ks, vs = (_recipe_shape(r) for r in (g.q, g.k, g.v))
