@@ -56,7 +56,8 @@ def ops_shape(s: tuple | None, ops: tuple[tuple[Any, ...], ...]) -> tuple | None
                 n = n * d
             s[a:b + 1] = [n]
         elif op == "unflatten":
-            i, sizes = _dim(args[0], len(s)), list(args[1])
+            i = _dim(args[0], len(s))
+            sizes = [d.meta.get("val") if isinstance(d, Node) else d for d in args[1]]
             if -1 in sizes:
                 known = 1
                 for d in sizes:

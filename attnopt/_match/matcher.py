@@ -109,6 +109,7 @@ class _Walk:
     interior: set[Node] = field(default_factory=set)
     spelling: list[str] = field(default_factory=list)
     layouts: list[tuple] = field(default_factory=list)
+    layout_sizes: list[list | None] = field(default_factory=list)  # view size args, if any
     bool_layouts: list[tuple] = field(default_factory=list)
     float_layouts: list[tuple] = field(default_factory=list)
     q_scales: list[tuple[Node, str, tuple]] = field(default_factory=list)
@@ -217,20 +218,26 @@ class Matcher:
     def _regroup(self, score: _Score, v: Recipe, out_ops: tuple, p_layouts: list[tuple]):
         """Map q, k, v, mask terms and tensor scales into the finest score layout seen."""
         w = score.walk
-        qk_layout, p_layout = shape(score.contraction), p_layouts[-1]
-        fine = max([qk_layout, *w.layouts, *p_layouts], key=len)
+        qk_layout, p_layout = shape(score.contraction), p_layouts[-1][0]
+        candidates = [(qk_layout, _view_sizes(score.contraction)),
+                      *zip(w.layouts, w.layout_sizes), *p_layouts]
+        fine, sizes = max(candidates, key=lambda c: (len(c[0]), c[1] is not None))
+
+        def to(tshape: tuple, layout: tuple) -> tuple:
+            return to_fine(tshape, layout, fine, sizes)
+
         try:
-            q = _then(score.q, to_fine(_recipe_shape(score.q), qk_layout, fine))
-            k = _then(score.k, to_fine(_recipe_shape(score.k), qk_layout, fine))
-            v = _then(v, to_fine(_recipe_shape(v), p_layout, fine))
+            q = _then(score.q, to(_recipe_shape(score.q), qk_layout))
+            k = _then(score.k, to(_recipe_shape(score.k), qk_layout))
+            v = _then(v, to(_recipe_shape(v), p_layout))
             out_ops = to_coarse(p_layout, fine) + tuple(out_ops)
             plan = w.plan
-            plan.bool_terms = [replace(t, ops=to_fine(shape(t.node), lay, fine))
+            plan.bool_terms = [replace(t, ops=to(shape(t.node), lay))
                                for t, lay in zip(plan.bool_terms, w.bool_layouts)]
-            plan.float_terms = [replace(t, ops=to_fine(shape(t.node), lay, fine))
+            plan.float_terms = [replace(t, ops=to(shape(t.node), lay))
                                 for t, lay in zip(plan.float_terms, w.float_layouts)]
             q_scale = tuple(
-                (Recipe(n, to_fine(shape(n), lay, fine) if fake(n) is not None else ()), op)
+                (Recipe(n, to(shape(n), lay) if fake(n) is not None else ()), op)
                 for n, op, lay in w.q_scales)
         except RegroupError as e:
             raise Unfusable(str(e)) from e
@@ -278,6 +285,7 @@ class Matcher:
         """Peel casts, scales, masks, views and in-place updates down to the contraction."""
         w = _Walk(layout=shape(x))
         w.layouts.append(w.layout)
+        w.layout_sizes.append(_view_sizes(x))
         while True:
             if not isinstance(x, Node):
                 raise NotAttention("softmax input does not come from a tensor op")
@@ -287,9 +295,12 @@ class Matcher:
                 consumer, x = x, x.args[0]
                 continue
             if keeps_rows(x):
+                w.layouts.append(shape(x))
+                w.layout_sizes.append(_view_sizes(x))
                 consumer, x = x, x.args[0]
                 w.layout = shape(x)
                 w.layouts.append(w.layout)
+                w.layout_sizes.append(None)
                 continue
             if is_op(x, *CONTRACTION_OPS):
                 break
@@ -326,6 +337,7 @@ class Matcher:
             here = w.layout
             w.layout = shape(u)
             w.layouts.append(w.layout)
+            w.layout_sizes.append(_view_sizes(u))
             if self._peel_one(m, w) is not u:
                 raise Unfusable(f"unsupported in-place {_op_name(m)} on a view of the scores")
             w.tag_terms()
@@ -587,7 +599,7 @@ class Matcher:
         p = sm
         interior: set[Node] = set()
         spelling: list[str] = []
-        layouts = [shape(sm)]
+        layouts = [(shape(sm), None)]
         while True:
             users = value_users(p)
             if not users:
@@ -605,7 +617,7 @@ class Matcher:
                 continue
             if keeps_rows(u):  # probabilities viewed with their batch dims regrouped
                 interior.add(u)
-                layouts.append(shape(u))
+                layouts.append((shape(u), _view_sizes(u)))
                 p = u
                 continue
             if is_op(u, *_SWAP_OPS) and _swaps_last_two(u):
@@ -853,6 +865,13 @@ def _skip_noop_slices(node: Node) -> Node:
 def _recipe_shape(r: Recipe) -> tuple | None:
     """The shape a recipe produces, computed from the base node's shape and the view ops."""
     return ops_shape(shape(r.node), r.ops)
+
+
+def _view_sizes(node: Node) -> list | None:
+    """The size arguments of a view / reshape node (ints, -1 or symbolic-size nodes)."""
+    if is_op(node, *VIEW_OPS) and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return None
 
 
 def _then(r: Recipe, ops: tuple) -> Recipe:

@@ -59,13 +59,16 @@ def groups(coarse: tuple, fine: tuple) -> list[list[int]]:
     return out
 
 
-def to_fine(tshape: tuple, coarse: tuple, fine: tuple) -> tuple[tuple[Any, ...], ...]:
+def to_fine(tshape: tuple, coarse: tuple, fine: tuple,
+            fine_sizes: list | None = None) -> tuple[tuple[Any, ...], ...]:
     """View ops taking a tensor broadcastable to ``coarse`` to one broadcastable to ``fine``.
 
     Args:
         tshape: the tensor's shape (its last two dims are not regrouped).
         coarse: the layout the tensor is used in.
         fine: the canonical layout.
+        fine_sizes: the size arguments of the view that made the ``fine`` layout, if one did:
+            its symbolic sizes as graph nodes let two dynamic dims be split apart.
     """
     runs = groups(coarse, fine)
     rc = len(coarse)
@@ -82,10 +85,13 @@ def to_fine(tshape: tuple, coarse: tuple, fine: tuple) -> tuple[tuple[Any, ...],
         if isinstance(padded[i], int) and padded[i] == 1:
             ops.append(("unflatten", i, [1] * len(sizes)))
         elif same_size(padded[i], coarse[i]):
-            symbolic = [s for s in sizes if not isinstance(s, int)]
-            if len(symbolic) > 1:
-                raise RegroupError(f"two dynamic dims {symbolic} merged in the scores")
-            ops.append(("unflatten", i, [s if isinstance(s, int) else -1 for s in sizes]))
+            given = [fine_sizes[j] if fine_sizes is not None and j < len(fine_sizes) else None
+                     for j in runs[i]]
+            out = [s if isinstance(s, int) else g if isinstance(g, Node) else -1
+                   for s, g in zip(sizes, given)]
+            if out.count(-1) > 1:
+                raise RegroupError(f"two dynamic dims {sizes} merged in the scores")
+            ops.append(("unflatten", i, out))
         else:
             raise RegroupError(f"a tensor of shape {_fmt(tshape)} broadcast over part of the "
                                f"merged dim {padded[i]}")

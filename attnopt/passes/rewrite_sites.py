@@ -132,7 +132,16 @@ def _standalone():
 
 
 def _emit_recipe(graph: Graph, recipe: Recipe, lookup: Lookup) -> Node:
-    return Recipe(lookup(recipe.node), recipe.ops).emit(graph)
+    """Replay ``recipe``; graph nodes among its op arguments (symbolic sizes) are looked up."""
+    def arg(a):
+        if isinstance(a, Node):
+            return lookup(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    ops = tuple((op, *(arg(a) for a in args)) for op, *args in recipe.ops)
+    return Recipe(lookup(recipe.node), ops).emit(graph)
 
 
 def _emit_mask(graph: Graph, site: AttentionSite, lookup: Lookup) -> Node | None:

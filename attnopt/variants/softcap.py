@@ -87,7 +87,8 @@ def _(q, k, v, attn_mask, is_causal, scale, softcap):
 
 def _grouped_mask(mask: torch.Tensor | None, h: int, hkv: int, rep: int) -> torch.Tensor | None:
     """A mask broadcastable to ``[B, H, Lq, Lk]`` as one broadcastable to the grouped
-    ``[B, Hkv, rep, Lq, Lk]`` scores."""
+    ``[B, Hkv, rep, Lq, Lk]`` scores.
+    """
     if mask is None:
         return None
     while mask.dim() < 4:
@@ -139,7 +140,8 @@ def softcap_attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float, so
 @onnx_translation(torch.ops.attnopt.softcap_attention.default, "onnxruntime")
 def softcap_attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float, softcap: float):
     """ONNX Runtime: ``GroupQueryAttention`` (``softcap``; always causal) for causal sites with
-    static head counts, a mask going in as its ``attention_bias``; otherwise the standard op."""
+    static head counts, a mask going in as its ``attention_bias``; otherwise the standard op.
+    """
     from onnxscript import opset23 as op
 
     from attnopt.export import _onnx_ops as ox
