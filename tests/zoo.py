@@ -702,9 +702,8 @@ def _window_partition(x, ws):
 
 
 def _window_reverse(windows, ws, h, w):
-    b = int(windows.shape[0] / (h * w / ws / ws))
-    x = windows.view(b, h // ws, w // ws, ws, ws, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
+    x = windows.view(-1, h // ws, w // ws, ws, ws, windows.shape[-1])
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, x.shape[-1])
 
 
 class SwinWindowBlock(nn.Module):
