@@ -780,6 +780,8 @@ def _xm():
     return (torch.randn(B, L, E), torch.randn(B, L + 5, E))
 
 
+_RESIZED = {"resized": True}
+
 CASES: list[Case] = [
     Case("mul_scale", MulScale, _x),
     Case("div_scale", DivScale, _x),
@@ -826,17 +828,23 @@ CASES: list[Case] = [
     Case("returns_weights", ReturnsWeights, _x, fused=0),
     Case("mha_returns_weights", MHAReturnsWeights, _x, fused=0),
 
-    Case("inplace_masked_fill", InplaceMaskedFill, lambda: (*_x(), _keep()), mask="padding"),
-    Case("inplace_bias_add", InplaceBiasAdd, _x, mask="bias"),
-    Case("inplace_on_view", InplaceOnView, lambda: (*_x(), _keep()), mask="padding"),
-    Case("cosine_logit_scale", CosineAttention, _x),
-    Case("xcit_temperature", XCiTTemperature, _x),
-    Case("dynamic_head_dim_scale", DynamicHeadDimScale, _qkv),
-    Case("bloom_baddbmm_alibi", BloomStyle, lambda: (*_x(), _attention_mask()), causal=True),
-    Case("fairseq_time_first", FairseqTimeFirst, _time_first, mask="padding"),
-    Case("sagan_transposed_out", SAGANSelfAttention, lambda: (torch.randn(B, 16, 6, 6),)),
-    Case("swin_window", SwinWindowBlock, lambda: (torch.randn(B, 64, E),), mask="bias"),
-    Case("soft_capping", SoftCapping, _x, causal=True),
+    # Issue 10: each also verified on a second input size while optimizing.
+    Case("inplace_masked_fill", InplaceMaskedFill, lambda: (*_x(), _keep()), mask="padding",
+         extra=_RESIZED),
+    Case("inplace_bias_add", InplaceBiasAdd, _x, mask="bias", extra=_RESIZED),
+    Case("inplace_on_view", InplaceOnView, lambda: (*_x(), _keep()), mask="padding",
+         extra=_RESIZED),
+    Case("cosine_logit_scale", CosineAttention, _x, extra=_RESIZED),
+    Case("xcit_temperature", XCiTTemperature, _x, extra=_RESIZED),
+    Case("dynamic_head_dim_scale", DynamicHeadDimScale, _qkv, extra=_RESIZED),
+    Case("bloom_baddbmm_alibi", BloomStyle, lambda: (*_x(), _attention_mask()), causal=True,
+         extra=_RESIZED),
+    Case("fairseq_time_first", FairseqTimeFirst, _time_first, mask="padding", extra=_RESIZED),
+    Case("sagan_transposed_out", SAGANSelfAttention, lambda: (torch.randn(B, 16, 6, 6),),
+         extra=_RESIZED),
+    Case("swin_window", SwinWindowBlock, lambda: (torch.randn(B, 64, E),), mask="bias",
+         extra=_RESIZED),
+    Case("soft_capping", SoftCapping, _x, causal=True, extra=_RESIZED),
 ]
 
 
