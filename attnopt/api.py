@@ -160,6 +160,8 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
             report.rows.append(SiteResult(site, LEFT_EXACT, note="left as is by an override"))
             continue
         reason = implementation(variant).can_apply(variant, site)
+        if reason is None and site.softcap is not None and not variant.exact:
+            reason = "soft-capped logits (only the exact path applies the cap)"
         if reason is not None and not variant.exact:
             # An approximate variant that cannot express a site leaves it exact: fused, the
             # exact rewrite every site gets by default, when the site allows it.

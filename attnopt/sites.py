@@ -34,6 +34,9 @@ class SiteGraph:
         rank: rank of the canonical operands (batch dims + 2).
         mask: the mask plan.
         interior: nodes between the operands and the output that the rewrite makes dead.
+        q_scale: tensor-valued or size-dependent scales folded into q, as (recipe, "mul"|"div").
+        softcap: the soft-capping constant c of ``c * tanh(scores / c)``, if the code caps.
+        mask_expand: sizes to expand a rank > 4 mask to before its head dims are flattened.
     """
 
     anchor: Node
@@ -45,6 +48,9 @@ class SiteGraph:
     rank: int
     mask: MaskPlan
     interior: set[Node] = field(default_factory=set)
+    q_scale: tuple[tuple[Recipe, str], ...] = ()
+    softcap: float | None = None
+    mask_expand: list | None = None
 
 
 @dataclass
@@ -67,6 +73,7 @@ class AttentionSite:
         mask: description of what masks remain (``"padding"``, ``"bias"``, ...).
         fusable: False when the site is attention but must be left exact.
         reason: why it is not fusable (None when it is).
+        softcap: c when the logits are soft-capped as ``c * tanh(scores / c)`` (Gemma-2).
     """
 
     index: int
@@ -90,6 +97,7 @@ class AttentionSite:
     dtype: str
     fusable: bool = True
     reason: str | None = None
+    softcap: float | None = None
     graph: SiteGraph | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -124,6 +132,7 @@ class AttentionSite:
             "dtype": self.dtype,
             "fusable": self.fusable,
             "reason": self.reason,
+            "softcap": self.softcap,
         }
 
 

@@ -1,5 +1,6 @@
-"""Property: for random attention shapes, scales, masks, GQA ratios and spellings, find+fuse
-finds the site, fuses it, and never changes the output."""
+"""Property: for random attention shapes, scales (constant or per head), masks, GQA ratios and
+spellings (out-of-place or in place), find+fuse finds the site, fuses it, and never changes the
+output."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from attnopt.report import FUSED
 class RandomAttention(nn.Module):
     """Attention spelled as ``spec`` says; q/k/v come straight from the inputs."""
 
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, heads: int = 1) -> None:
         super().__init__()
         self.spec = spec
+        g = torch.Generator().manual_seed(heads)
+        self.head_scale = nn.Parameter(torch.rand(heads, 1, 1, generator=g) + 0.1)
 
     def forward(self, q, k, v, pad):
         s = self.spec
@@ -39,18 +42,32 @@ class RandomAttention(nn.Module):
             scores = torch.einsum("bhqd,bhkd->bhqk", q, k)
         else:
             scores = q @ k.transpose(-2, -1)
+        inplace = s["inplace"]
         if s["scale_at"] == "mul":
-            scores = scores * scale
+            scores = scores.mul_(scale) if inplace else scores * scale
         elif s["scale_at"] == "div":
-            scores = scores / (1.0 / scale)
+            scores = scores.div_(1.0 / scale) if inplace else scores / (1.0 / scale)
+        elif s["scale_at"] == "head":  # a learned per-head temperature [H, 1, 1]
+            scores = scores.mul_(self.head_scale) if inplace else scores * self.head_scale
         lq, lk = scores.shape[-2:]
         if s["mask"] == "causal":
             future = torch.ones(lq, lk, dtype=torch.bool).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
+            if inplace:
+                scores.masked_fill_(future, float("-inf"))
+            else:
+                scores = scores.masked_fill(future, float("-inf"))
         elif s["mask"] == "padding":
-            scores = scores.masked_fill(~pad[:, None, None, :], torch.finfo(scores.dtype).min)
+            keep = pad[:, None, None, :]
+            if inplace:
+                scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         elif s["mask"] == "float":
-            scores = scores + torch.where(pad, 0.0, -1e9)[:, None, None, :]
+            bias = torch.where(pad, 0.0, -1e9)[:, None, None, :]
+            if inplace:
+                scores += bias
+            else:
+                scores = scores + bias
         p = scores.float().softmax(-1).to(q.dtype) if s["fp32_softmax"] else scores.softmax(-1)
         if s["spelling"] == "einsum":
             return torch.einsum("bhqk,bhkd->bhqd", p, v)
@@ -67,7 +84,8 @@ def attention_cases(draw):
     spec = {
         "gqa": draw(st.sampled_from(["repeat_kv", "repeat_interleave"])),
         "scale": draw(st.floats(0.05, 2.0)),
-        "scale_at": draw(st.sampled_from(["mul", "div", "q"])),
+        "scale_at": draw(st.sampled_from(["mul", "div", "q", "head"])),
+        "inplace": draw(st.booleans()),
         "spelling": draw(st.sampled_from(["matmul", "einsum"])),
         "mask": mask,
         "fp32_softmax": draw(st.booleans()),
@@ -90,13 +108,16 @@ def test_find_and_fuse_never_changes_the_output(case):
     q = torch.randn(b, h, lq, d, generator=g)
     k = torch.randn(b, hkv, lk, d, generator=g)
     v = torch.randn(b, hkv, lk, dv, generator=g)
-    model = RandomAttention(spec)
+    model = RandomAttention(spec, heads=h)
     fast = attnopt.optimize(model, (q, k, v, pad))
     report = fast.report
     assert report.count(FUSED) == 1, (spec, report.table())
     site = report.sites[0]
     assert site.causal == (spec["mask"] == "causal")
-    assert math.isclose(site.scale, spec["scale"], rel_tol=1e-6)
+    expected_scale = spec["scale"]
+    if spec["scale_at"] == "head":  # folded into q; one head makes it a plain constant
+        expected_scale = model.head_scale.item() if h == 1 else 1.0
+    assert math.isclose(site.scale, expected_scale, rel_tol=1e-6)
     if hkv < h:
         assert site.kv_heads == hkv
     with torch.no_grad():

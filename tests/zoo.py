@@ -516,9 +516,271 @@ class ReturnsWeights(Proj):
         return self.merge(p @ v), p
 
 
+# -- issue 10: in-place score ops, tensor scales, heads regrouped on the score path ------------
+
+
+class InplaceMaskedFill(Proj):
+    """Stable-Diffusion-style CrossAttention: scores scaled and masked in place."""
+
+    def forward(self, x, keep):
+        q, k, v = self.heads(x)
+        sim = torch.einsum("bhid,bhjd->bhij", q, k)
+        sim.mul_(D**-0.5)
+        sim.masked_fill_(~keep[:, None, None, :], -torch.finfo(sim.dtype).max)
+        return self.merge(sim.softmax(dim=-1) @ v)
+
+
+class InplaceBiasAdd(Proj):
+    """T5-style codebases: ``scores += position_bias`` and ``scores /= sqrt(d)`` in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Embedding(32, H)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.heads(x)
+        pos = torch.arange(t)
+        bias = self.rel((pos[None, :] - pos[:, None]).clamp(-15, 16) + 15).permute(2, 0, 1)
+        scores = torch.matmul(q, k.transpose(3, 2))
+        scores /= math.sqrt(D)
+        scores += bias[None]
+        return self.merge(torch.matmul(scores.softmax(-1), v))
+
+
+class InplaceOnView(Proj):
+    """Scores kept as ``[B·H, L, L]``, masked in place through a ``[B, H, L, L]`` view."""
+
+    def forward(self, x, keep):
+        b, l, _ = x.shape  # noqa: E741
+        q, k, v = (t.reshape(b * H, l, D) for t in self.heads(x))
+        w = torch.bmm(q, k.transpose(1, 2))
+        w.div_(math.sqrt(D))
+        w.view(b, H, l, l).masked_fill_(~keep[:, None, None, :], float("-inf"))
+        return self.merge(torch.bmm(w.softmax(-1), v).view(b, H, l, D))
+
+
+class CosineAttention(Proj):
+    """Swin-v2 cosine attention: normalised q, k and a learned per-head logit scale [H,1,1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(H, 1, 1) + 1))
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        attn = attn * logit_scale
+        return self.merge(attn.softmax(dim=-1) @ v)
+
+
+class XCiTTemperature(Proj):
+    """XCiT cross-covariance attention: attention over channels with a per-head temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(H, 1, 1) + 0.5)
+
+    def forward(self, x):
+        q, k, v = (t.transpose(-2, -1) for t in self.heads(x))  # [B, H, D, L]
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        out = attn.softmax(dim=-1) @ v  # [B, H, D, L]
+        return self.merge(out.transpose(-2, -1))
+
+
+class DynamicHeadDimScale(nn.Module):
+    """An attention function on q, k, v inputs scaled by ``q.size(-1) ** -0.5``: the head dim
+    stays dynamic, so the scale is a symbolic value in the graph (``math.sqrt`` would fix it)."""
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(-2, -1)) / q.size(-1) ** 0.5
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
+def _qkv(b=B, h=H, l=L, d=D):  # noqa: E741
+    return tuple(torch.randn(b, h, l, d) for _ in range(3))
+
+
+class BloomStyle(nn.Module):
+    """HF BLOOM eager attention: alibi through baddbmm on [B·H, L, D], fp32 softmax on a
+    [B, H, L, L] view, causal+padding by masked_fill(finfo.min), bmm on [B·H, L, L]."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(E, 3 * E)
+        self.dense = nn.Linear(E, E)
+        self.inv_norm_factor = 1.0 / math.sqrt(D)
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)])
+        self.register_buffer("slopes", slopes)
+
+    def forward(self, x, attention_mask):
+        b, q_length, _ = x.shape
+        fused = self.qkv(x).view(b, q_length, H, 3, D)
+        query, key, value = fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
+        query = query.transpose(1, 2).reshape(b * H, q_length, D)
+        key = key.permute(0, 2, 3, 1).reshape(b * H, D, q_length)
+        value = value.transpose(1, 2).reshape(b * H, q_length, D)
+        positions = (attention_mask.cumsum(-1) - 1) * attention_mask
+        alibi = (self.slopes[None, :, None] * positions[:, None, :].to(x.dtype))
+        alibi = alibi.reshape(b * H, 1, q_length)
+        i = torch.arange(q_length)
+        blocked = (i[None, :] > i[:, None])[None, None] | ~attention_mask.bool()[:, None, None, :]
+        scores = alibi.baddbmm(batch1=query, batch2=key, beta=1.0, alpha=self.inv_norm_factor)
+        scores = scores.view(b, H, q_length, q_length)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = probs.view(b * H, q_length, q_length)
+        context = torch.bmm(probs, value).view(b, H, q_length, D)
+        return self.dense(context.permute(0, 2, 1, 3).reshape(b, q_length, E))
+
+
+class FairseqTimeFirst(nn.Module):
+    """fairseq MultiheadAttention (no fast path): [T, B, C] inputs, ``q *= scaling``, bmm on
+    [B·H, T, d], key_padding_mask through a [B, H, T, S] view, fp32 softmax then type_as."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(E, E) for _ in range(4))
+        self.scaling = D**-0.5
+
+    def forward(self, query, key_padding_mask):
+        tgt_len, bsz, embed_dim = query.size()
+        q = self.q_proj(query)
+        k = self.k_proj(query)
+        v = self.v_proj(query)
+        q *= self.scaling
+        q = q.contiguous().view(tgt_len, bsz * H, D).transpose(0, 1)
+        k = k.contiguous().view(-1, bsz * H, D).transpose(0, 1)
+        v = v.contiguous().view(-1, bsz * H, D).transpose(0, 1)
+        src_len = k.size(1)
+        attn_weights = torch.bmm(q, k.transpose(1, 2))
+        attn_weights = attn_weights.view(bsz, H, tgt_len, src_len)
+        attn_weights = attn_weights.masked_fill(
+            key_padding_mask.unsqueeze(1).unsqueeze(2).to(torch.bool), float("-inf"))
+        attn_weights = attn_weights.view(bsz * H, tgt_len, src_len)
+        attn_weights_float = F.softmax(attn_weights, dim=-1, dtype=torch.float32)
+        attn_probs = attn_weights_float.type_as(attn_weights)
+        attn = torch.bmm(attn_probs, v)
+        attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
+        return self.out_proj(attn)
+
+
+def _time_first():
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[1, -3:] = True
+    return torch.randn(L, B, E), pad
+
+
+class SAGANSelfAttention(nn.Module):
+    """SAGAN / non-local block: 1×1 conv q, k, v; one head, no scale; out = bmm(V, Aᵀ)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.query_conv = nn.Conv2d(c, c // 8, 1)
+        self.key_conv = nn.Conv2d(c, c // 8, 1)
+        self.value_conv = nn.Conv2d(c, c, 1)
+        self.gamma = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        b, c, w, h = x.size()
+        proj_query = self.query_conv(x).view(b, -1, w * h).permute(0, 2, 1)  # B x N x C'
+        proj_key = self.key_conv(x).view(b, -1, w * h)  # B x C' x N
+        energy = torch.bmm(proj_query, proj_key)
+        attention = F.softmax(energy, dim=-1)
+        proj_value = self.value_conv(x).view(b, -1, w * h)  # B x C x N
+        out = torch.bmm(proj_value, attention.permute(0, 2, 1)).view(b, c, w, h)
+        return self.gamma * out + x
+
+
+def _window_partition(x, ws):
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws * ws, c)
+
+
+def _window_reverse(windows, ws, h, w):
+    x = windows.view(-1, h // ws, w // ws, ws, ws, windows.shape[-1])
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, x.shape[-1])
+
+
+class SwinWindowBlock(nn.Module):
+    """Swin v1 shifted-window attention written by hand: roll, window partition, relative
+    position bias from a table, shift mask through a [B, nW, H, N, N] view and back."""
+
+    def __init__(self, res=8, ws=4, shift=2):
+        super().__init__()
+        self.res, self.ws, self.shift = res, ws, shift
+        n = ws * ws
+        self.qkv = nn.Linear(E, 3 * E)
+        self.proj = nn.Linear(E, E)
+        self.scale = D**-0.5
+        self.relative_position_bias_table = nn.Parameter(0.5 * torch.randn((2 * ws - 1) ** 2, H))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
+        flat = coords.flatten(1)
+        rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * ws - 1) + rel[..., 1])
+        img_mask = torch.zeros(1, res, res, 1)
+        cnt = 0
+        for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+                img_mask[:, hs, wsl, :] = cnt
+                cnt += 1
+        mw = _window_partition(img_mask, ws).view(-1, n)
+        attn_mask = mw.unsqueeze(1) - mw.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+        self.register_buffer("attn_mask", attn_mask)
+
+    def forward(self, x):
+        b, hw, c = x.shape
+        x = x.view(b, self.res, self.res, c)
+        x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = _window_partition(x, self.ws)
+        b_, n, _ = windows.shape
+        qkv = self.qkv(windows).reshape(b_, n, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(n, n, -1).permute(2, 0, 1).contiguous()
+        attn = attn + bias.unsqueeze(0)
+        nw = self.attn_mask.shape[0]
+        attn = attn.view(b_ // nw, nw, H, n, n) + self.attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, H, n, n)
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b_, n, c)
+        out = _window_reverse(self.proj(out), self.ws, self.res, self.res)
+        out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
+        return out.view(b, hw, c)
+
+
+class SoftCapping(Proj):
+    """Gemma-2 eager attention: logits soft-capped by ``tanh(scores / c) * c``, then causal."""
+
+    def __init__(self, cap=5.0):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.heads(x)
+        scores = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
+        scores = scores / self.cap
+        scores = torch.tanh(scores)
+        scores = scores * self.cap
+        causal = torch.full((t, t), torch.finfo(x.dtype).min).triu(1)
+        scores = scores + causal
+        p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.matmul(p, v))
+
+
 def _xm():
     return (torch.randn(B, L, E), torch.randn(B, L + 5, E))
 
+
+_RESIZED = {"resized": True}
 
 CASES: list[Case] = [
     Case("mul_scale", MulScale, _x),
@@ -565,6 +827,24 @@ CASES: list[Case] = [
     Case("transformer_decoder_layer", DecoderLayer, _xm, sites=2),
     Case("returns_weights", ReturnsWeights, _x, fused=0),
     Case("mha_returns_weights", MHAReturnsWeights, _x, fused=0),
+
+    # Issue 10: each also verified on a second input size while optimizing.
+    Case("inplace_masked_fill", InplaceMaskedFill, lambda: (*_x(), _keep()), mask="padding",
+         extra=_RESIZED),
+    Case("inplace_bias_add", InplaceBiasAdd, _x, mask="bias", extra=_RESIZED),
+    Case("inplace_on_view", InplaceOnView, lambda: (*_x(), _keep()), mask="padding",
+         extra=_RESIZED),
+    Case("cosine_logit_scale", CosineAttention, _x, extra=_RESIZED),
+    Case("xcit_temperature", XCiTTemperature, _x, extra=_RESIZED),
+    Case("dynamic_head_dim_scale", DynamicHeadDimScale, _qkv, extra=_RESIZED),
+    Case("bloom_baddbmm_alibi", BloomStyle, lambda: (*_x(), _attention_mask()), causal=True,
+         extra=_RESIZED),
+    Case("fairseq_time_first", FairseqTimeFirst, _time_first, mask="padding", extra=_RESIZED),
+    Case("sagan_transposed_out", SAGANSelfAttention, lambda: (torch.randn(B, 16, 6, 6),),
+         extra=_RESIZED),
+    Case("swin_window", SwinWindowBlock, lambda: (torch.randn(B, 64, E),), mask="bias",
+         extra=_RESIZED),
+    Case("soft_capping", SoftCapping, _x, causal=True, extra=_RESIZED),
 ]
 
 

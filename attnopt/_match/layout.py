@@ -36,6 +36,43 @@ class Recipe:
         return out
 
 
+def ops_shape(s: tuple | None, ops: tuple[tuple[Any, ...], ...]) -> tuple | None:
+    """The shape that view ``ops`` (as in a :class:`Recipe`) make of shape ``s``."""
+    if s is None:
+        return None
+    s = list(s)
+    for op, *args in ops:
+        if op == "permute":
+            s = [s[i] for i in args[0]]
+        elif op == "transpose":
+            a, b = (_dim(d, len(s)) for d in args[:2])
+            s[a], s[b] = s[b], s[a]
+        elif op == "unsqueeze":
+            s.insert(_dim(args[0], len(s) + 1), 1)
+        elif op == "flatten":
+            a, b = (_dim(d, len(s)) for d in args[:2])
+            n = 1
+            for d in s[a:b + 1]:
+                n = n * d
+            s[a:b + 1] = [n]
+        elif op == "unflatten":
+            i = _dim(args[0], len(s))
+            sizes = [d.meta.get("val") if isinstance(d, Node) else d for d in args[1]]
+            if -1 in sizes:
+                known = 1
+                for d in sizes:
+                    known = known * (1 if d == -1 else d)
+                sizes[sizes.index(-1)] = s[i] // known
+            s[i:i + 1] = sizes
+        else:
+            return None
+    return tuple(s)
+
+
+def _dim(d: int, n: int) -> int:
+    return d + n if d < 0 else d
+
+
 _VIEW_OPS = {
     "permute": aten.permute.default,
     "transpose": aten.transpose.int,

@@ -41,6 +41,7 @@ class BoolTerm:
     attend: bool
     fill: float | None = None
     label: str = "mask"
+    ops: tuple = ()  # view ops into the site's canonical layout (see attnopt._match.regroup)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class FloatTerm:
     node: Node
     factor: float = 1.0
     label: str = "bias"
+    ops: tuple = ()  # view ops into the site's canonical layout (see attnopt._match.regroup)
 
 
 @dataclass

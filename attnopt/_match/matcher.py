@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from attnopt._match.graph import (
     IDENTITY_OPS,
     InputDependence,
     dtype,
+    fake,
     hint,
     is_op,
     normalize_dim,
@@ -34,8 +35,9 @@ from attnopt._match.graph import (
     shape,
     value_users,
 )
-from attnopt._match.layout import EinsumError, Recipe, parse_einsum, to_canonical
+from attnopt._match.layout import EinsumError, Recipe, ops_shape, parse_einsum, to_canonical
 from attnopt._match.masks import HARD_FILL, MaskAnalyzer, MaskPlan
+from attnopt._match.regroup import VIEW_OPS, RegroupError, keeps_rows, to_coarse, to_fine
 from attnopt.sites import AttentionSite, Rejected, SiteGraph
 
 log = logging.getLogger("attnopt.find")
@@ -48,6 +50,37 @@ CONTRACTION_OPS = (aten.matmul.default, aten.bmm.default, aten.einsum.default,
 _PASS_OPS = (*CAST_OPS, *IDENTITY_OPS)
 _DROPOUT_OPS = (aten.dropout.default,)
 _PROJECTION_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)
+_SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+_SWAP_OPS = (aten.transpose.int, aten.permute.default, aten.mT.default)
+
+# In-place ops on the score path are peeled like their out-of-place twins.
+_INPLACE = {
+    aten.mul_.Tensor: aten.mul.Tensor,
+    aten.mul_.Scalar: aten.mul.Scalar,
+    aten.div_.Tensor: aten.div.Tensor,
+    aten.div_.Scalar: aten.div.Scalar,
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.sub_.Tensor: aten.sub.Tensor,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
+    aten.masked_fill_.Tensor: aten.masked_fill.Tensor,
+}
+
+
+def _is(node: Any, *targets: Any) -> bool:
+    """Like ``is_op``, with in-place ops standing for their out-of-place twins."""
+    return (isinstance(node, Node) and node.op == "call_function"
+            and _INPLACE.get(node.target, node.target) in targets)
+
+
+def _mutates(node: Node, arg: Node) -> bool:
+    """True when ``node`` writes into ``arg`` (its first argument, by its schema)."""
+    if node.op != "call_function" or not node.args or node.args[0] is not arg:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    info = schema.arguments[0].alias_info
+    return bool(info is not None and info.is_write)
 
 
 class NotAttention(Exception):
@@ -63,6 +96,40 @@ class Unfusable(Exception):
 
 
 @dataclass
+class _Walk:
+    """State of the walk back from a softmax: what has been peeled so far.
+
+    ``layout`` is the shape of the scores where the walk stands (views may regroup their batch
+    dims); each mask term and tensor scale remembers the layout it was found in.
+    """
+
+    layout: tuple
+    factor: float = 1.0
+    plan: MaskPlan = field(default_factory=MaskPlan)
+    interior: set[Node] = field(default_factory=set)
+    spelling: list[str] = field(default_factory=list)
+    layouts: list[tuple] = field(default_factory=list)
+    layout_sizes: list[list | None] = field(default_factory=list)  # view size args, if any
+    bool_layouts: list[tuple] = field(default_factory=list)
+    float_layouts: list[tuple] = field(default_factory=list)
+    q_scales: list[tuple[Node, str, tuple]] = field(default_factory=list)
+    softcap: float | None = None
+    barrier: tuple[int, int, str] | None = None  # (terms so far, reason no more may come)
+
+    def tag_terms(self) -> None:
+        """Give the mask terms added since the last call the current layout; check barriers."""
+        nb, nf = len(self.plan.bool_terms), len(self.plan.float_terms)
+        self.bool_layouts += [self.layout] * (nb - len(self.bool_layouts))
+        self.float_layouts += [self.layout] * (nf - len(self.float_layouts))
+        if self.barrier is not None and self.barrier[0] != nb + nf:
+            raise Unfusable(self.barrier[1])
+
+    def set_barrier(self, reason: str) -> None:
+        if self.barrier is None:
+            self.barrier = (len(self.plan.bool_terms) + len(self.plan.float_terms), reason)
+
+
+@dataclass
 class _Score:
     """Result of walking back from a softmax to the score contraction."""
 
@@ -70,9 +137,13 @@ class _Score:
     q: Recipe
     k: Recipe
     scale: float
-    plan: MaskPlan
+    walk: _Walk
     interior: set[Node] = field(default_factory=set)
     spelling: list[str] = field(default_factory=list)
+
+    @property
+    def plan(self) -> MaskPlan:
+        return self.walk.plan
 
 
 class Matcher:
@@ -88,6 +159,7 @@ class Matcher:
         self.ev = evaluator
         self.depends = InputDependence(gm.graph)
         self.masks = MaskAnalyzer(evaluator, self.depends)
+        self._order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def find(self) -> tuple[list[AttentionSite], list[Rejected]]:
         """All sites (fusable or not) and all rejected softmaxes, in graph order."""
@@ -126,19 +198,50 @@ class Matcher:
         if normalize_dim(sm.args[1], r) != r - 1:
             raise NotAttention("softmax is not over the last dimension")
         # Forward first: without a value contraction this is not attention at all.
-        value_mm, v, out_ops, fwd_interior, fwd_spelling = self._walk_forward(sm)
-        score = self._walk_back(x)
+        value_mm, v, out_ops, fwd_interior, fwd_spelling, p_layouts = self._walk_forward(sm)
+        score = self._walk_back(x, sm)
         lq, lk = shape(x)[-2], shape(x)[-1]
-        self._check_shapes(score, v, lq, lk)
         spelling = score.spelling + [_softmax_spelling(sm)] + fwd_spelling
         interior = score.interior | fwd_interior | {sm, value_mm}
+        w = score.walk
+        q, k, v, out_ops, plan, q_scale, fine = self._regroup(score, v, out_ops, p_layouts)
+        score.q, score.k = q, k
+        self._check_shapes(score, v, lq, lk)
         graph = SiteGraph(
-            anchor=sm, output=value_mm, q=score.q, k=score.k, v=v, out_ops=out_ops, rank=r,
-            mask=score.plan, interior=interior,
+            anchor=sm, output=value_mm, q=q, k=k, v=v, out_ops=out_ops, rank=len(fine),
+            mask=plan, interior=interior, q_scale=q_scale, softcap=w.softcap,
         )
         self._peel_gqa(graph)
         self._check_rank(graph)
         return self._site(index, sm, graph, score.scale, "->".join(spelling), already_fused=False)
+
+    def _regroup(self, score: _Score, v: Recipe, out_ops: tuple, p_layouts: list[tuple]):
+        """Map q, k, v, mask terms and tensor scales into the finest score layout seen."""
+        w = score.walk
+        qk_layout, p_layout = shape(score.contraction), p_layouts[-1][0]
+        candidates = [(qk_layout, _view_sizes(score.contraction)),
+                      *zip(w.layouts, w.layout_sizes), *p_layouts]
+        fine, sizes = max(candidates, key=lambda c: (len(c[0]), c[1] is not None))
+
+        def to(tshape: tuple, layout: tuple) -> tuple:
+            return to_fine(tshape, layout, fine, sizes)
+
+        try:
+            q = _then(score.q, to(_recipe_shape(score.q), qk_layout))
+            k = _then(score.k, to(_recipe_shape(score.k), qk_layout))
+            v = _then(v, to(_recipe_shape(v), p_layout))
+            out_ops = to_coarse(p_layout, fine) + tuple(out_ops)
+            plan = w.plan
+            plan.bool_terms = [replace(t, ops=to(shape(t.node), lay))
+                               for t, lay in zip(plan.bool_terms, w.bool_layouts)]
+            plan.float_terms = [replace(t, ops=to(shape(t.node), lay))
+                                for t, lay in zip(plan.float_terms, w.float_layouts)]
+            q_scale = tuple(
+                (Recipe(n, to(shape(n), lay) if fake(n) is not None else ()), op)
+                for n, op, lay in w.q_scales)
+        except RegroupError as e:
+            raise Unfusable(str(e)) from e
+        return q, k, v, out_ops, plan, q_scale, fine
 
     def _match_sdpa(self, node: Node, index: int) -> AttentionSite:
         args = list(node.args) + [None] * (8 - len(node.args))
@@ -178,69 +281,136 @@ class Matcher:
 
     # -- backwards: scores ---------------------------------------------------------------------
 
-    def _walk_back(self, x: Node) -> _Score:
-        """Peel casts, scales and mask terms from the softmax input down to the contraction."""
-        factor = 1.0
-        plan = MaskPlan()
-        interior: set[Node] = set()
-        spelling: list[str] = []
+    def _walk_back(self, x: Node, consumer: Node) -> _Score:
+        """Peel casts, scales, masks, views and in-place updates down to the contraction."""
+        w = _Walk(layout=shape(x))
+        w.layouts.append(w.layout)
+        w.layout_sizes.append(_view_sizes(x))
         while True:
             if not isinstance(x, Node):
                 raise NotAttention("softmax input does not come from a tensor op")
-            interior.add(x)
+            w.interior.add(x)
+            self._peel_view_mutations(x, consumer, w)
             if is_op(x, *_PASS_OPS):
-                x = x.args[0]
+                consumer, x = x, x.args[0]
+                continue
+            if keeps_rows(x):
+                w.layouts.append(shape(x))
+                w.layout_sizes.append(_view_sizes(x))
+                consumer, x = x, x.args[0]
+                w.layout = shape(x)
+                w.layouts.append(w.layout)
+                w.layout_sizes.append(None)
                 continue
             if is_op(x, *CONTRACTION_OPS):
                 break
-            nxt = self._peel_one(x, factor, plan, spelling)
+            self._check_inplace(x)
+            nxt = self._peel_one(x, w)
             if nxt is None:
                 if self._contraction_near(x):
                     raise Unfusable(f"unsupported op {_op_name(x)} on the score path")
                 raise NotAttention(f"scores come from {_op_name(x)}, not from a contraction")
-            x, factor = nxt
-        return self._contraction(x, factor, plan, interior, spelling)
+            w.tag_terms()
+            consumer, x = x, nxt
+        return self._contraction(x, w)
 
-    def _peel_one(
-        self, x: Node, factor: float, plan: MaskPlan, spelling: list[str]
-    ) -> tuple[Node, float] | None:
-        """Peel one scale / bias / mask op; return the score-side input and the new factor."""
-        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+    def _peel_view_mutations(self, x: Node, consumer: Node, w: _Walk) -> None:
+        """Peel in-place updates written into ``x`` through a view before ``consumer`` reads it.
+
+        ``w.view(b, h, l, l).masked_fill_(m, -inf)`` changes ``w``: the export graph keeps the
+        update on the view node, and the softmax reads ``w`` itself.
+        """
+        seen = self._order[consumer]
+        writes = []
+        for u in x.users:
+            if _mutates(u, x) and u is not consumer and self._order[u] < seen:
+                raise Unfusable(f"the scores are written in place by {_op_name(u)} and read "
+                                "unchanged")
+            if not is_op(u, *VIEW_OPS, aten.alias.default):
+                continue
+            for m in u.users:
+                if _mutates(m, u) and self._order[m] < seen:
+                    writes.append((u, m))
+        for u, m in sorted(writes, key=lambda um: -self._order[um[1]]):
+            if m.target not in _INPLACE or not keeps_rows(u):
+                raise Unfusable(f"the scores are written in place by {_op_name(m)} through a view")
+            here = w.layout
+            w.layout = shape(u)
+            w.layouts.append(w.layout)
+            w.layout_sizes.append(_view_sizes(u))
+            if self._peel_one(m, w) is not u:
+                raise Unfusable(f"unsupported in-place {_op_name(m)} on a view of the scores")
+            w.tag_terms()
+            w.layout = here
+            w.interior |= {u, m}
+
+    def _check_inplace(self, x: Node) -> None:
+        """An in-place update of the scores is peeled only when nothing else reads the tensor."""
+        if x.target not in _INPLACE:
+            return
+        base = x.args[0]
+        others = [u for u in value_users(base) if u is not x
+                  and not is_op(u, *VIEW_OPS, aten.alias.default, aten.sym_size.int)]
+        if others:
+            raise Unfusable(f"the scores updated in place by {_op_name(x)} are also read by "
+                            f"{_op_name(others[0])}")
+
+    def _peel_one(self, x: Node, w: _Walk) -> Node | None:
+        """Peel one scale / bias / mask / soft-cap op; return the score-side input."""
+        plan, spelling = w.plan, w.spelling
+        if _is(x, *_SCALE_OPS):
             a, b = x.args[:2]
-            side, c = self._scaled_operand(a, b, commutes=is_op(x, aten.mul.Tensor,
-                                                                aten.mul.Scalar))
-            if side is None or c is None or c <= 0:
+            mul = _is(x, aten.mul.Tensor, aten.mul.Scalar)
+            side, c = self._scaled_operand(a, b, commutes=mul)
+            if side is not None and c is not None and c > 0:
+                w.factor *= c if mul else 1.0 / c
+                spelling.append("scale")
+                return side
+            side, t = self._tensor_scale(a, b, commutes=mul)
+            if side is None:
                 return None
-            if is_op(x, aten.div.Tensor, aten.div.Scalar):
-                c = 1.0 / c
-            spelling.append("scale")
-            return side, factor * c
-        if is_op(x, aten.add.Tensor, aten.sub.Tensor):
+            # A tensor (per-head) or size-dependent scale is folded into q; a mask added below
+            # it would be scaled too, and inside a soft-cap it would be capped.
+            w.q_scales.append((t, "mul" if mul else "div", w.layout))
+            w.set_barrier("a bias or mask is added before a tensor-valued scale")
+            spelling.append("scale(tensor)")
+            return side
+        if _is(x, aten.tanh.default):
+            if w.softcap is not None or w.factor <= 0:
+                return None
+            if w.q_scales:
+                raise Unfusable("a tensor-valued scale is applied after the soft-capping tanh")
+            w.softcap, w.factor = w.factor, 1.0
+            w.set_barrier("a bias or mask is added inside the soft-capping tanh")
+            spelling.append("softcap")
+            return x.args[0]
+        factor = w.factor
+        if _is(x, aten.add.Tensor, aten.sub.Tensor):
             a, b = x.args[:2]
             alpha = x.kwargs.get("alpha", 1)
             if not isinstance(a, Node) or not isinstance(b, Node) or alpha != 1:
                 return None
             if self._reaches_contraction(a):
                 side, other, sign = a, b, 1.0
-            elif is_op(x, aten.add.Tensor) and self._reaches_contraction(b):
+            elif _is(x, aten.add.Tensor) and self._reaches_contraction(b):
                 side, other, sign = b, a, 1.0
             else:
                 return None
-            if is_op(x, aten.sub.Tensor):
+            if _is(x, aten.sub.Tensor):
                 sign = -1.0
             if dtype(other) == torch.bool or not dtype(other) or not dtype(other).is_floating_point:
                 return None
             self.masks.add_float(plan, other, factor * sign)
             spelling.append("add")
-            return side, factor
-        if is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            return side
+        if _is(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             base, cond, val = x.args[:3]
             fill = self._hard_fill(val)
             if fill is None or dtype(cond) != torch.bool:
                 return None
             self.masks.add_bool(plan, cond, attend=False, fill=_finite(fill * factor))
             spelling.append("masked_fill")
-            return base, factor
+            return base
         if is_op(x, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
             cond, a, b = x.args[:3]
             if dtype(cond) != torch.bool:
@@ -255,26 +425,49 @@ class Matcher:
                 return None
             self.masks.add_bool(plan, cond, attend=attend, fill=_finite(fill * factor))
             spelling.append("where")
-            return side, factor
+            return side
         return None
 
-    def _contraction(
-        self, mm: Node, factor: float, plan: MaskPlan, interior: set[Node], spelling: list[str]
-    ) -> _Score:
+    def _tensor_scale(self, a: Any, b: Any, *, commutes: bool) -> tuple[Node | None, Node | None]:
+        """For ``a*b`` or ``a/b`` with a scale that is not one constant: (scores, scale) when
+        the scale can be folded into q -- a symbolic scalar (``d ** -0.5`` of a dynamic head
+        dim) or a tensor constant along the key dim (per-head ``[H, 1, 1]``, per-query).
+        """
+        pairs = [(a, b)] + ([(b, a)] if commutes else [])
+        for side, t in pairs:
+            if not isinstance(side, Node) or not isinstance(t, Node) or (rank(side) or 0) < 2:
+                continue
+            if not self._reaches_contraction(side):
+                continue
+            val = t.meta.get("val")
+            if isinstance(val, (torch.SymFloat, torch.SymInt)):
+                return side, t
+            ts = shape(t)
+            dt = dtype(t)
+            if ts is None or dt is None or not dt.is_floating_point or len(ts) > rank(side):
+                continue
+            if len(ts) == 0 or (isinstance(ts[-1], int) and ts[-1] == 1):
+                return side, t
+        return None, None
+
+    def _contraction(self, mm: Node, w: _Walk) -> _Score:
         """Identify q and k of the score contraction ``mm`` (matmul / bmm / einsum / baddbmm)."""
+        spelling = w.spelling
+        w.interior.add(mm)
         if is_op(mm, aten.einsum.default):
             q, k = self._einsum_qk(mm)
             spelling.append("einsum")
         else:
             if is_op(mm, aten.baddbmm.default):
                 bias, a, b = mm.args[:3]
-                beta = mm.kwargs.get("beta", 1)
-                alpha = mm.kwargs.get("alpha", 1)
+                beta = mm.kwargs.get("beta", mm.args[3] if len(mm.args) > 3 else 1)
+                alpha = mm.kwargs.get("alpha", mm.args[4] if len(mm.args) > 4 else 1)
                 if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
                     raise Unfusable("baddbmm with non-constant beta/alpha")
                 if beta != 0:
-                    self.masks.add_float(plan, bias, factor * beta)
-                factor *= alpha
+                    self.masks.add_float(w.plan, bias, w.factor * beta)
+                    w.tag_terms()
+                w.factor *= alpha
                 spelling.append("baddbmm")
             else:
                 a, b = mm.args[:2]
@@ -282,10 +475,14 @@ class Matcher:
             if (rank(a) or 0) < 2 or (rank(b) or 0) < 2:
                 raise NotAttention("contraction with a vector")
             q, k = Recipe(a), _key_from_transposed(b)
-        q, factor = self._peel_scale(q, factor)
-        k, factor = self._peel_scale(k, factor)
+        factor = w.factor
+        if not w.q_scales:  # a tensor scale above keeps q as it is
+            q, factor = self._peel_scale(q, factor)
+            k, factor = self._peel_scale(k, factor)
+        if w.softcap is not None:
+            factor *= w.softcap
         spelling.reverse()
-        return _Score(mm, q, k, factor, plan, interior | {mm}, spelling)
+        return _Score(mm, q, k, factor, w, w.interior, spelling)
 
     def _einsum_qk(self, mm: Node) -> tuple[Recipe, Recipe]:
         eq, operands = mm.args[:2]
@@ -358,15 +555,18 @@ class Matcher:
         for _ in range(depth):
             if is_op(node, *CONTRACTION_OPS):
                 return True
-            if is_op(node, *_PASS_OPS, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            if _is(node, *_PASS_OPS, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+                   aten.tanh.default) or keeps_rows(node):
                 node = node.args[0]
-            elif is_op(node, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
-                side, _ = self._scaled_operand(*node.args[:2], commutes=is_op(
+            elif _is(node, *_SCALE_OPS):
+                side, _ = self._scaled_operand(*node.args[:2], commutes=_is(
                     node, aten.mul.Tensor, aten.mul.Scalar))
                 if side is None:
-                    return False
+                    return any(isinstance(a, Node) and (rank(a) or 0) >= 2
+                               and self._reaches_contraction(a, depth - 1)
+                               for a in node.args[:2])
                 node = side
-            elif is_op(node, aten.add.Tensor, aten.sub.Tensor):
+            elif _is(node, aten.add.Tensor, aten.sub.Tensor):
                 return any(isinstance(a, Node) and self._reaches_contraction(a, depth - 1)
                            for a in node.args[:2])
             elif is_op(node, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
@@ -399,6 +599,7 @@ class Matcher:
         p = sm
         interior: set[Node] = set()
         spelling: list[str] = []
+        layouts = [(shape(sm), None)]
         while True:
             users = value_users(p)
             if not users:
@@ -414,6 +615,26 @@ class Matcher:
                 interior.add(u)
                 p = u
                 continue
+            if keeps_rows(u):  # probabilities viewed with their batch dims regrouped
+                interior.add(u)
+                layouts.append((shape(u), _view_sizes(u)))
+                p = u
+                continue
+            if is_op(u, *_SWAP_OPS) and _swaps_last_two(u):
+                # out = V @ Pᵀ (SAGAN, non-local blocks): the transpose of P @ Vᵀ.
+                w = value_users(u)
+                if len(w) == 1 and is_op(w[0], aten.matmul.default, aten.bmm.default) \
+                        and w[0].args[1] is u and w[0].args[0] is not u:
+                    v = w[0].args[0]
+                    if (rank(v) or 0) != rank(p):
+                        raise NotAttention("transposed probabilities contracted with a "
+                                           "tensor of another rank")
+                    interior.add(u)
+                    spelling.append("bmm(v,pT)")
+                    return (w[0], Recipe(v).then("transpose", -2, -1),
+                            (("transpose", -2, -1),), interior, spelling, layouts)
+                raise NotAttention(f"softmax result goes to {_op_name(u)}, not to a value "
+                                   "contraction")
             if is_op(u, *_DROPOUT_OPS):
                 prob, train = u.args[1], u.args[2] if len(u.args) > 2 else True
                 if train and prob:
@@ -426,17 +647,17 @@ class Matcher:
                 v = u.args[1]
                 if (rank(v) or 0) < 2:
                     raise NotAttention("softmax result contracted with a vector")
-                r = rank(sm)
+                r = rank(p)
                 rv = rank(v)
                 recipe = Recipe(v)
                 for _ in range(r - rv):
                     recipe = recipe.then("unsqueeze", 0)
                 spelling.append("matmul" if is_op(u, aten.matmul.default) else "bmm")
-                return u, recipe, (), interior, spelling
+                return u, recipe, (), interior, spelling, layouts
             if is_op(u, aten.einsum.default):
-                v, out_ops = self._einsum_value(u, p, rank(sm))
+                v, out_ops = self._einsum_value(u, p, rank(p))
                 spelling.append("einsum")
-                return u, v, out_ops, interior, spelling
+                return u, v, out_ops, interior, spelling, layouts
             raise NotAttention(f"softmax result goes to {_op_name(u)}, not to a value contraction")
 
     def _leads_to_value_contraction(self, u: Node, p: Node, depth: int = 4) -> bool:
@@ -489,21 +710,35 @@ class Matcher:
             raise NotAttention("q and k feature sizes differ")
 
     def _check_rank(self, g: SiteGraph) -> None:
-        """Sites of rank 2..4 map to 4-D SDPA directly; rank 5+ needs matching middle dims."""
-        if g.rank > 4:
-            qs, ks, vs = (_recipe_shape(r) for r in (g.q, g.k, g.v))
-            mid = slice(1, g.rank - 2)
-            if not (all(same_size(a, b) for a, b in zip(qs[mid], ks[mid]))
-                    and all(same_size(a, b) for a, b in zip(qs[mid], vs[mid]))):
-                raise Unfusable(f"rank-{g.rank} attention with broadcast heads")
-            for term in [*g.mask.bool_terms, *g.mask.float_terms]:
-                ms = shape(term.node)
-                if ms and len(ms) > 2 and len(ms) != g.rank:
-                    raise Unfusable(f"mask of rank {len(ms)} on rank-{g.rank} attention")
-                if ms and len(ms) == g.rank and not all(
-                    isinstance(d, int) and d == 1 for d in ms[mid]
-                ) and not all(same_size(a, b) for a, b in zip(ms[mid], qs[mid])):
-                    raise Unfusable("mask broadcast over some head dims only")
+        """Sites of rank 2..4 map to 4-D SDPA directly; rank 5+ flattens the middle (head)
+        dims, so q, k, v must agree there and the mask must cover them all or none of them
+        (or be expanded over static ones).
+        """
+        if g.rank <= 4:
+            return
+        qs, ks, vs = (_recipe_shape(r) for r in (g.q, g.k, g.v))
+        mid = slice(1, g.rank - 2)
+        if not (all(same_size(a, b) for a, b in zip(qs[mid], ks[mid]))
+                and all(same_size(a, b) for a, b in zip(qs[mid], vs[mid]))):
+            raise Unfusable(f"rank-{g.rank} attention with broadcast heads")
+        covered = [False] * (g.rank - 3)
+        top = 0
+        for term in [*g.mask.bool_terms, *g.mask.float_terms]:
+            ms = ops_shape(shape(term.node), term.ops)
+            if not ms or len(ms) <= 2:
+                continue
+            top = max(top, len(ms))
+            ms = (1,) * (g.rank - len(ms)) + tuple(ms)
+            for i, (a, b) in enumerate(zip(ms[mid], qs[mid])):
+                if same_size(a, b) and not (isinstance(a, int) and a == 1):
+                    covered[i] = True
+                elif not (isinstance(a, int) and a == 1):
+                    raise Unfusable(f"mask dim of size {a} on a head dim of size {b}")
+        if top and not all(covered) and any(covered):
+            sizes = list(qs[mid])
+            if not all(isinstance(d, int) for d in sizes):
+                raise Unfusable("mask broadcast over some dynamic head dims only")
+            g.mask_expand = [-1, *sizes, -1, -1]
 
     def _peel_gqa(self, g: SiteGraph) -> None:
         """Recognise ``repeat_kv`` (unsqueeze+expand+reshape) or ``repeat_interleave`` on k, v."""
@@ -546,6 +781,7 @@ class Matcher:
             window=g.mask.window,
             mask=g.mask.describe(),
             dtype=str(dtype(g.q.node)).replace("torch.", ""),
+            softcap=g.softcap,
             graph=g,
         )
 
@@ -628,21 +864,31 @@ def _skip_noop_slices(node: Node) -> Node:
 
 def _recipe_shape(r: Recipe) -> tuple | None:
     """The shape a recipe produces, computed from the base node's shape and the view ops."""
-    s = shape(r.node)
-    if s is None:
-        return None
-    s = list(s)
-    for op, *args in r.ops:
-        if op == "permute":
-            s = [s[i] for i in args[0]]
-        elif op == "transpose":
-            a, b = (normalize_dim(d, len(s)) for d in args[:2])
-            s[a], s[b] = s[b], s[a]
-        elif op == "unsqueeze":
-            s.insert(normalize_dim(args[0], len(s) + 1), 1)
-        else:
-            return None
-    return tuple(s)
+    return ops_shape(shape(r.node), r.ops)
+
+
+def _view_sizes(node: Node) -> list | None:
+    """The size arguments of a view / reshape node (ints, -1 or symbolic-size nodes)."""
+    if is_op(node, *VIEW_OPS) and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return None
+
+
+def _then(r: Recipe, ops: tuple) -> Recipe:
+    return Recipe(r.node, r.ops + tuple(ops))
+
+
+def _swaps_last_two(node: Node) -> bool:
+    """True for a transpose / permute that swaps the last two dims and nothing else."""
+    r = rank(node.args[0])
+    if r is None or r < 2:
+        return False
+    if is_op(node, aten.mT.default):
+        return True
+    if is_op(node, aten.transpose.int):
+        return {normalize_dim(d, r) for d in node.args[1:3]} == {r - 2, r - 1}
+    perm = [normalize_dim(p, r) for p in node.args[1]]
+    return perm == [*range(r - 2), r - 1, r - 2]
 
 
 def _location(node: Node) -> tuple[str, str]:

@@ -44,6 +44,8 @@ def _is_impure(node) -> bool:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         if not train or p == 0:
             return False
+    if node.meta.get("attnopt_dead_write"):  # an in-place update of replaced scores
+        return False
     if is_op(node, torch.ops.aten.scaled_dot_product_attention.default):
         p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         if p == 0:

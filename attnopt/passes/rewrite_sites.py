@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from attnopt._match.graph import shape
-from attnopt._match.layout import Recipe
+from attnopt._match.graph import dtype, fake, shape
+from attnopt._match.layout import Recipe, ops_shape
 from attnopt.sites import AttentionSite
 from attnopt.variants._base import SiteOperands, Variant, implementation
 
@@ -36,6 +36,11 @@ def emit_operands(graph: Graph, site: AttentionSite, lookup: Lookup,
     assert g is not None, "sites from find_attention carry their graph handles"
     r = g.rank
     q, k, v = (_emit_recipe(graph, x, lookup) for x in (g.q, g.k, g.v))
+    for recipe, op in g.q_scale:  # tensor-valued / size-dependent scales, folded into q
+        s = _emit_recipe(graph, recipe, lookup)
+        if isinstance(fake(recipe.node), torch.Tensor) and dtype(recipe.node) != dtype(g.q.node):
+            s = graph.call_function(aten.to.dtype, (s, dtype(g.q.node)))
+        q = graph.call_function(aten.mul.Tensor if op == "mul" else aten.div.Tensor, (q, s))
     mid_sizes: list = []
     if r > 4:
         mid_sizes = _sizes(graph, q, shape_of=_canonical_shape(site, "q"), dims=range(1, r - 2))
@@ -76,6 +81,9 @@ def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant, obje
         new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", {})
         new.meta["attnopt_site"] = site.index
         old.replace_all_uses_with(new)
+        for n in site.graph.interior:  # in-place updates of the replaced scores die with them
+            if n.op == "call_function" and _writes(n):
+                n.meta["attnopt_dead_write"] = True
     from attnopt.passes.cleanup import cleanup
 
     cleanup(gm)
@@ -124,7 +132,16 @@ def _standalone():
 
 
 def _emit_recipe(graph: Graph, recipe: Recipe, lookup: Lookup) -> Node:
-    return Recipe(lookup(recipe.node), recipe.ops).emit(graph)
+    """Replay ``recipe``; graph nodes among its op arguments (symbolic sizes) are looked up."""
+    def arg(a):
+        if isinstance(a, Node):
+            return lookup(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    ops = tuple((op, *(arg(a) for a in args)) for op, *args in recipe.ops)
+    return Recipe(lookup(recipe.node), ops).emit(graph)
 
 
 def _emit_mask(graph: Graph, site: AttentionSite, lookup: Lookup) -> Node | None:
@@ -133,7 +150,7 @@ def _emit_mask(graph: Graph, site: AttentionSite, lookup: Lookup) -> Node | None
     hard: list[Node] = []
     floats: list[Node] = []
     for t in plan.bool_terms:
-        n = lookup(t.node)
+        n = _emit_recipe(graph, Recipe(t.node, t.ops), lookup)
         if not t.attend:
             n = graph.call_function(aten.logical_not.default, (n,))
         if t.fill is None:
@@ -141,7 +158,7 @@ def _emit_mask(graph: Graph, site: AttentionSite, lookup: Lookup) -> Node | None
         else:
             floats.append(graph.call_function(aten.where.Scalar, (n, 0.0, t.fill)))
     for t in plan.float_terms:
-        n = lookup(t.node)
+        n = _emit_recipe(graph, Recipe(t.node, t.ops), lookup)
         if t.factor != 1.0:
             n = graph.call_function(aten.mul.Tensor, (n, t.factor))
         floats.append(n)
@@ -193,11 +210,25 @@ def _mask_to_4d(graph: Graph, mask: Node, site: AttentionSite, r: int) -> Node:
     """
     if r <= 4:
         return mask
-    ranks = [len(shape(t.node) or ()) for t in (*site.graph.mask.bool_terms,
-                                                 *site.graph.mask.float_terms)]
-    if max(ranks, default=0) <= 2:
+    ranks = [len(ops_shape(shape(t.node), t.ops) or ())
+             for t in (*site.graph.mask.bool_terms, *site.graph.mask.float_terms)]
+    top = max(ranks, default=0)
+    if top <= 2:
         return mask
+    for _ in range(r - top):
+        mask = graph.call_function(aten.unsqueeze.default, (mask, 0))
+    if site.graph.mask_expand is not None:
+        mask = graph.call_function(aten.expand.default, (mask, site.graph.mask_expand))
     return graph.call_function(aten.flatten.using_ints, (mask, 1, r - 3))
+
+
+def _writes(node: Node) -> bool:
+    """True for an op that writes into its first argument (``masked_fill_``, ``add_``...)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments:
+        return False
+    info = schema.arguments[0].alias_info
+    return bool(info is not None and info.is_write)
 
 
 def _from_4d(graph: Graph, node: Node, r: int, mid_sizes: list) -> Node:

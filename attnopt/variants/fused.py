@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from attnopt.variants import softcap as _softcap  # noqa: F401 - registers the capped op
 from attnopt.variants._base import SiteOperands, Variant, register
 
 if TYPE_CHECKING:
@@ -137,6 +138,11 @@ class FusedImpl:
         return None if site.fusable else site.reason
 
     def emit(self, config: Fused, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
+        if site.softcap is not None:  # logits capped between the scores and the softmax
+            return graph.call_function(
+                torch.ops.attnopt.softcap_attention.default,
+                (ops.q, ops.k, ops.v, ops.mask, ops.causal, float(ops.scale), float(site.softcap)),
+            )
         return graph.call_function(
             torch.ops.attnopt.attention.default,
             (ops.q, ops.k, ops.v, ops.mask, ops.causal, float(ops.scale)),
