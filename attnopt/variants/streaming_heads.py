@@ -19,7 +19,8 @@ of the rewritten module): full heads run through SDPA (``attnopt.attention``, ca
 heads through the blocked streaming kernel (``attnopt.streaming``); no N×N tensor for the
 streaming heads. ONNX (both targets): the head mask is a constant, so the lowering gathers each
 head group, runs the fused lowering of the target on the full heads and the streaming lowering on
-the others, and restores head order with one ``Gather``.
+the others, and restores head order with one ``Gather`` (head indices computed in the graph from
+the flags and the static count ``n_full``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def streaming_heads(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
     full: torch.Tensor,
+    n_full: int,
     sinks: int,
     window: int,
     scale: float,
@@ -124,6 +126,8 @@ def streaming_heads(
         attn_mask: None, bool (True = attend) or additive float, broadcastable to
             ``[B, H, Lq, Lk]``.
         full: bool ``[Hkv]``: True = the kv head (and its query heads) keeps full attention.
+        n_full: the number of True flags (static, so that exported graphs have static head
+            counts per group).
         sinks, window: the streaming pattern (see ``attnopt.streaming``).
         scale: multiplier of the scores.
 
@@ -137,6 +141,8 @@ def streaming_heads(
         raise ValueError(f"full must be [{hkv}] (one flag per kv head), got {tuple(full.shape)}")
     group = h // hkv
     flags = full.to(device="cpu", dtype=torch.bool)
+    if int(flags.sum()) != n_full:
+        raise ValueError(f"full has {int(flags.sum())} True flags, n_full says {n_full}")
     out = q.new_empty((b, h, lq, v.shape[-1]))
     for keep, run in ((True, lambda qq, kk, vv, m: attention(qq, kk, vv, m, True, scale)),
                       (False, lambda qq, kk, vv, m: streaming(qq, kk, vv, m, sinks, window,
@@ -153,7 +159,7 @@ def streaming_heads(
 
 
 @streaming_heads.register_fake
-def _(q, k, v, attn_mask, full, sinks, window, scale):
+def _(q, k, v, attn_mask, full, n_full, sinks, window, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -168,7 +174,8 @@ def head_pattern(full: torch.Tensor, heads: int, lq: int, lk: int, sinks: int,
 
 def reference_streaming_heads(q, k, v, attn_mask, full, sinks: int, window: int,
                               scale: float | None = None) -> torch.Tensor:
-    """Slow reference of :func:`streaming_heads`: dense attention under the per-head pattern."""
+    """Slow reference of :func:`streaming_heads` (without ``n_full``): dense attention under the
+    per-head pattern."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     allowed = head_pattern(full, q.shape[1], q.shape[-2], k.shape[-2], sinks, window)
     return _sparse.reference_sparse(q, k, v, attn_mask, allowed.to(q.device), scale)
@@ -263,7 +270,8 @@ class StreamingHeadsImpl:
         scale = float(ops.scale) if ops.scale is not None else site.head_dim ** -0.5
         return graph.call_function(
             torch.ops.attnopt.streaming_heads.default,
-            (ops.q, ops.k, ops.v, ops.mask, flags, config.sinks, config.window, scale),
+            (ops.q, ops.k, ops.v, ops.mask, flags, sum(plan.full), config.sinks, config.window,
+             scale),
         )
 
     def density(self, config: StreamingHeads, site: AttentionSite,
@@ -307,66 +315,71 @@ def _buffer(graph: Graph, site: AttentionSite, tensor: torch.Tensor) -> Node:
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
+#
+# The flags are a module buffer, i.e. an initializer whose value the exporter attaches only after
+# translation, so the head indices are computed in the graph: ``TopK`` of the flags with the static
+# count ``n_full`` gives the full kv heads (static shapes for each group), ``Gather`` selects the
+# group's heads, and an inverse permutation (``ScatterElements``) restores head order.
 
 
-def _flags(full: Any) -> np.ndarray:
-    value = getattr(full, "const_value", None)
-    if value is None:
-        raise ExportError("streaming heads export needs the head flags as a constant (the "
-                          "module buffer); export the optimized model's exported_program()")
-    return np.asarray(value.numpy()).astype(bool).reshape(-1)
-
-
-def _lower(q, k, v, attn_mask, full, sinks: int, window: int, scale: float, fused):
+def _lower(q, k, v, attn_mask, full, n_full: int, sinks: int, window: int, scale: float, fused):
     from onnxscript import ir
     from onnxscript import opset23 as op
 
     from attnopt.export import _onnx_ops as ox
 
-    flags = _flags(full)
-    hkv = len(flags)
-    heads = ox.static_dim(q, 1)
-    if heads is None:
-        raise ExportError("streaming heads export needs a static head count")
+    heads, hkv = ox.static_dim(q, 1), ox.static_dim(k, 1)
+    if heads is None or hkv is None:
+        raise ExportError("streaming heads export needs static head counts (q and k axis 1)")
     group = heads // hkv
 
-    def const(a):
+    def ints(a):
         return op.Constant(value=ir.tensor(np.asarray(a, dtype=np.int64)))
 
-    def run(keep: bool, fn):
-        kv = np.flatnonzero(flags == keep)
-        qh = (kv[:, None] * group + np.arange(group)).reshape(-1)
-        if len(kv) == hkv:
-            return fn(q, k, v, attn_mask), qh
+    def gather(x, idx, n):  # computed indices: state the static head count of the result
+        out = op.Gather(x, idx, axis=1)
+        out.shape = ir.Shape([x.shape[0], n, x.shape[2], x.shape[3]])
+        out.dtype = x.dtype
+        return out
+
+    flags = op.Cast(full, to=ir.DataType.INT64)
+
+    def run(keep: bool, n: int, fn):
+        if n == hkv:
+            return fn(q, k, v, attn_mask), ints(np.arange(heads))
+        score = flags if keep else op.Sub(ints(1), flags)
+        _, kv = op.TopK(score, ints([n]), axis=0, largest=1, sorted=1)       # [n]
+        qh = op.Reshape(op.Add(op.Mul(op.Unsqueeze(kv, ints([1])), ints(group)),
+                               ints(np.arange(group)[None, :])), ints([-1]))  # [n·group]
         m = attn_mask
-        if m is not None and ox.rank(m) == 4 and ox.static_dim(m, 1) not in (1, None):
-            m = op.Gather(m, const(qh), axis=1)
-        return fn(op.Gather(q, const(qh), axis=1), op.Gather(k, const(kv), axis=1),
-                  op.Gather(v, const(kv), axis=1), m), qh
+        if m is not None and ox.rank(m) == 4 and ox.static_dim(m, 1) != 1:
+            m = op.Gather(m, qh, axis=1)
+        sub = (gather(q, qh, n * group), gather(k, kv, n), gather(v, kv, n))
+        return fn(*sub, m), qh
 
     parts = []
-    if flags.any():
-        parts.append(run(True, lambda a, b, c, m: fused(a, b, c, m, True, scale)))
-    if not flags.all():
-        parts.append(run(False, lambda a, b, c, m: streaming_onnx(a, b, c, m, sinks, window,
-                                                                  scale)))
+    if n_full:
+        parts.append(run(True, n_full, lambda a, b, c, m: fused(a, b, c, m, True, scale)))
+    if n_full < hkv:
+        parts.append(run(False, hkv - n_full, lambda a, b, c, m: streaming_onnx(
+            a, b, c, m, sinks, window, scale)))
     if len(parts) == 1:
         return parts[0][0]
-    order = np.concatenate([qh for _, qh in parts])
-    out = op.Concat(*[o for o, _ in parts], axis=1)
-    return op.Gather(out, const(np.argsort(order)), axis=1)
+    order = op.Concat(*[qh for _, qh in parts], axis=0)                      # [H]
+    inverse = op.ScatterElements(order, order, ints(np.arange(heads)), axis=0)
+    return op.Gather(op.Concat(*[o for o, _ in parts], axis=1), inverse, axis=1)
 
 
 @onnx_translation(torch.ops.attnopt.streaming_heads.default, "onnx")
-def streaming_heads_onnx(q, k, v, attn_mask, full, sinks: int = 4, window: int = 256,
-                         scale: float = 1.0):
+def streaming_heads_onnx(q, k, v, attn_mask, full, n_full: int, sinks: int = 4,
+                         window: int = 256, scale: float = 1.0):
     """Gather each head group; standard ``Attention`` on full heads, the block-wise streaming
     decomposition on the others; one ``Gather`` restores head order."""
-    return _lower(q, k, v, attn_mask, full, sinks, window, scale, attention_onnx)
+    return _lower(q, k, v, attn_mask, full, n_full, sinks, window, scale, attention_onnx)
 
 
 @onnx_translation(torch.ops.attnopt.streaming_heads.default, "onnxruntime")
-def streaming_heads_ort(q, k, v, attn_mask, full, sinks: int = 4, window: int = 256,
-                        scale: float = 1.0):
+def streaming_heads_ort(q, k, v, attn_mask, full, n_full: int, sinks: int = 4,
+                        window: int = 256, scale: float = 1.0):
     """As :func:`streaming_heads_onnx`, the full heads through the contrib attention ops."""
-    return _lower(q, k, v, attn_mask, full, sinks, window, scale, attention_ort)
+    return _lower(q, k, v, attn_mask, full, n_full, sinks, window, scale, attention_ort)
