@@ -37,8 +37,7 @@ from attnopt.export._registry import onnx_translation
 from attnopt.variants import _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
 from attnopt.variants.fused import attention, attention_onnx, attention_ort
-from attnopt.variants.streaming import streaming, streaming_onnx, streaming_pairs, \
-    streaming_pattern
+from attnopt.variants.streaming import streaming, streaming_onnx, streaming_pairs, streaming_pattern
 
 if TYPE_CHECKING:
     from torch.fx import Graph, Node
@@ -175,13 +174,14 @@ def head_pattern(full: torch.Tensor, heads: int, lq: int, lk: int, sinks: int,
 def reference_streaming_heads(q, k, v, attn_mask, full, sinks: int, window: int,
                               scale: float | None = None) -> torch.Tensor:
     """Slow reference of :func:`streaming_heads` (without ``n_full``): dense attention under the
-    per-head pattern."""
+    per-head pattern.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     allowed = head_pattern(full, q.shape[1], q.shape[-2], k.shape[-2], sinks, window)
     return _sparse.reference_sparse(q, k, v, attn_mask, allowed.to(q.device), scale)
 
 
-# -- calibration: the proxy --------------------------------------------------------------------------
+# -- calibration: the proxy ------------------------------------------------------------------------
 
 
 def outside_mass(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -374,7 +374,8 @@ def _lower(q, k, v, attn_mask, full, n_full: int, sinks: int, window: int, scale
 def streaming_heads_onnx(q, k, v, attn_mask, full, n_full: int, sinks: int = 4,
                          window: int = 256, scale: float = 1.0):
     """Gather each head group; standard ``Attention`` on full heads, the block-wise streaming
-    decomposition on the others; one ``Gather`` restores head order."""
+    decomposition on the others; one ``Gather`` restores head order.
+    """
     return _lower(q, k, v, attn_mask, full, n_full, sinks, window, scale, attention_onnx)
 
 
