@@ -127,3 +127,10 @@ def test_onnx_export_matches_torch(target):
             want = fast(**feeds).logits.numpy()
         got = sess.run(None, {k: feeds[k].numpy() for k in names})[0]
         assert float(np.abs(got - want).max() / np.abs(want).max()) < TOL
+
+
+def test_cli_parses_the_variant():
+    from attnopt.cli import parse_variant
+
+    assert parse_variant("streaming_heads:sinks=4,window=256,full_fraction=0.25") == \
+        attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25)
