@@ -28,6 +28,7 @@ from attnopt.variants import (
     Neighborhood2D,
     SlidingWindow,
     Streaming,
+    StreamingHeads,
     Variant,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "SiteResult",
     "SlidingWindow",
     "Streaming",
+    "StreamingHeads",
     "ValidationError",
     "Variant",
     "VariantNotApplicableError",

@@ -187,8 +187,13 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
     for site, variant in candidates:
         exact = variant.exact
         impl = implementation(variant)
+        state = states.get(site.index)
+        fitted = hasattr(impl, "describe_state")  # variants whose density depends on the fit
         row = SiteResult(site, FUSED if exact else REWRITTEN, variant=variant.describe(),
-                         density=impl.density(variant, site))
+                         density=impl.density(variant, site, state) if fitted
+                         else impl.density(variant, site))
+        if fitted:
+            row.note = impl.describe_state(site, state)
         if site.index in refusals:
             row.note = refusals[site.index] + "; fused exactly instead"
         if config.verify:

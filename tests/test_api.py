@@ -132,6 +132,7 @@ VARIANT_EXAMPLES = {
     "fused": lambda: attnopt.Fused(),
     "sliding_window": lambda: attnopt.SlidingWindow(window=64),
     "streaming": lambda: attnopt.Streaming(sinks=4, window=64),
+    "streaming_heads": lambda: attnopt.StreamingHeads(sinks=4, window=64, full_fraction=0.5),
     "block_topk": lambda: attnopt.BlockTopK(block=16, k=2),
     "neighborhood2d": lambda: attnopt.Neighborhood2D(kernel=3),
     "linear": lambda: attnopt.Linear(feature_map="elu"),

@@ -7,6 +7,7 @@ from attnopt.variants.linear import Linear
 from attnopt.variants.neighborhood2d import Neighborhood2D
 from attnopt.variants.sliding_window import SlidingWindow
 from attnopt.variants.streaming import Streaming
+from attnopt.variants.streaming_heads import StreamingHeads
 
 __all__ = [
     "BlockTopK",
@@ -15,6 +16,7 @@ __all__ = [
     "Neighborhood2D",
     "SlidingWindow",
     "Streaming",
+    "StreamingHeads",
     "Variant",
     "implementation",
     "registered",
