@@ -20,6 +20,7 @@ from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
 from attnopt.sites import AttentionSite, Rejected
 from attnopt.variants import Fused, Variant, implementation
+from attnopt.variants._base import NeedsStaticShapes
 from attnopt.verify import compare, default_tolerance, model_dtype, record
 
 log = logging.getLogger("attnopt")
@@ -122,6 +123,13 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         captured = capture(model, inputs, dynamic=config.dynamic)
     with _timed(timings, "find"):
         sites, rejected = _find(captured)
+    if captured.dynamic and (why := _static_wanted(sites, config)):
+        with _timed(timings, "capture static"):
+            captured = capture(model, inputs, dynamic=False)
+            sites, rejected = _find(captured)
+            captured.notes.append(f"captured again with static shapes: {why}; the model is "
+                                  "valid for the example's shapes only")
+            log.warning("%s: captured again with static shapes", why)
     tol = config.tolerance or default_tolerance(model_dtype(model))
     report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
                     notes=list(captured.notes), timings=timings)
@@ -145,6 +153,19 @@ def _find(captured: Captured) -> tuple[list[AttentionSite], list[Rejected]]:
     captured.gm.graph.eliminate_dead_code()
     evaluator = Evaluator(captured.gm, [captured.flat(i) for i in captured.input_sets()])
     return Matcher(captured.gm, evaluator).find()
+
+
+def _static_wanted(sites: list[AttentionSite], config: Config) -> str:
+    """Why a capture with static shapes is needed ('' if not): a variant refused a site with
+    :class:`NeedsStaticShapes` (e.g. a patch grid that is not readable at run time).
+    """
+    for site in sites:
+        variant = config.variant_for(site.location)
+        if variant is not None and site.fusable:
+            reason = implementation(variant).can_apply(variant, site)
+            if isinstance(reason, NeedsStaticShapes):
+                return f"{variant.describe()} at {site.location}: {reason}"
+    return ""
 
 
 def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Config, tol: float,
