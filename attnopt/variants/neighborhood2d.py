@@ -10,9 +10,12 @@ Cost O(N·(kernel² + P)) instead of O(N²).
 
 Constraints:
   * non-causal self attention over a token grid; causal and cross attention are refused;
-  * the grid is ``grid=(h, w)`` when given, otherwise inferred from the captured graph: the
-    output ``[B, C, h, w]`` of a 2-D convolution (the patch embedding) with
-    ``0 <= L - h·w < h·w``; no (static) such convolution → refused with a reason;
+  * the grid is ``grid=(h, w)`` when given, otherwise inferred from the captured graph
+    (:mod:`attnopt._match.grid`: the patch-embedding convolution, a position-embedding resize or
+    a reshape to the grid, with ``L = P + h·w`` for a constant ``P``). When the capture kept the
+    image size dynamic, the grid is proven for every size and passed to the op as runtime sizes
+    (``sym_size`` of that node); a grid that fits only the example asks ``optimize`` for a static
+    capture; no grid at all → refused with a reason;
   * ``kernel`` odd, ``kernel · dilation <= min(h, w)``;
   * masks: any mask is applied inside the pattern; GQA: the query heads of a kv group share
     their gathered neighborhood.
@@ -24,9 +27,10 @@ strided views of the strips (no per-tile copy); a separable (row ⊕ column) bia
 columns down to its own window. Prefix queries use one dense SDPA call over all keys.
 
 ONNX: no ORT CPU kernel implements neighborhood attention; both targets use a gather-based
-decomposition: constant tile / region index tables (the grid is static), ``Gather`` of the regions,
-the separable bias, batched attention per tile, and a ``Gather`` with the inverse permutation back
-to token order (the sequence length must be static).
+decomposition: tile / region index tables, ``Gather`` of the regions, the separable bias, batched
+attention per tile, and a ``Gather`` with the inverse permutation back to token order. A static
+grid and length get constant tables; a runtime grid (dynamic image size) gets the tables computed
+in the graph from ``Range`` and index arithmetic, so one file serves every image size.
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ def neighborhood2d(
             ``[B, H, L, L]``; applied inside the pattern.
         kernel: window side (odd).
         dilation: spacing of the window's taps.
-        grid_h: grid height in tokens.
+        grid_h: grid height in tokens (a runtime size in graphs whose image size is dynamic).
         grid_w: grid width in tokens.
         scale: multiplier of the scores.
 
