@@ -15,11 +15,20 @@ from attnopt._match.evaluate import Evaluator
 from attnopt._match.matcher import Matcher
 from attnopt.capture import Captured, capture, eval_mode, reexport
 from attnopt.config import Config
-from attnopt.errors import ConfigError
+from attnopt.errors import CaptureError, ConfigError
 from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_operands_module
-from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
+from attnopt.report import (
+    FUSED,
+    LEFT_EXACT,
+    REVERTED,
+    REWRITTEN,
+    Report,
+    SiteResult,
+    unapplied_variants,
+)
 from attnopt.sites import AttentionSite, Rejected
 from attnopt.variants import Fused, Variant, implementation
+from attnopt.variants._base import NeedsStaticShapes
 from attnopt.verify import compare, default_tolerance, model_dtype, record
 
 log = logging.getLogger("attnopt")
@@ -122,6 +131,10 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         captured = capture(model, inputs, dynamic=config.dynamic)
     with _timed(timings, "find"):
         sites, rejected = _find(captured)
+    if captured.dynamic and (why := _static_wanted(sites, config)):
+        with _timed(timings, "capture static"):
+            captured, sites, rejected = _recapture_static(model, inputs, why, captured, sites,
+                                                          rejected)
     tol = config.tolerance or default_tolerance(model_dtype(model))
     report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
                     notes=list(captured.notes), timings=timings)
@@ -132,6 +145,9 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     if config.verify and plan:
         with _timed(timings, "verify"):
             _verify_end_to_end(model, captured, report, tol)
+    for line in unapplied_variants(report, config.variant_for):
+        log.warning(line)
+        report.warnings.append(line)
     log.info("optimized %s: %d sites, %d fused, %d rewritten, %d left exact, %d reverted",
              report.model, len(report.rows), report.count(FUSED), report.count(REWRITTEN),
              report.count(LEFT_EXACT), report.count(REVERTED))
@@ -145,6 +161,35 @@ def _find(captured: Captured) -> tuple[list[AttentionSite], list[Rejected]]:
     captured.gm.graph.eliminate_dead_code()
     evaluator = Evaluator(captured.gm, [captured.flat(i) for i in captured.input_sets()])
     return Matcher(captured.gm, evaluator).find()
+
+
+def _static_wanted(sites: list[AttentionSite], config: Config) -> str:
+    """Why a capture with static shapes is needed ('' if not): a variant refused a site with
+    :class:`NeedsStaticShapes` (e.g. a patch grid that is not readable at run time).
+    """
+    for site in sites:
+        variant = config.variant_for(site.location)
+        if variant is not None and site.fusable:
+            reason = implementation(variant).can_apply(variant, site)
+            if isinstance(reason, NeedsStaticShapes):
+                return f"{variant.describe()} at {site.location}: {reason}"
+    return ""
+
+
+def _recapture_static(model: torch.nn.Module, inputs: Inputs, why: str, captured: Captured,
+                      sites: list[AttentionSite], rejected: list[Rejected]):
+    """Capture again with static shapes (see :func:`_static_wanted`); keep the dynamic capture
+    when that fails.
+    """
+    try:
+        static = capture(model, inputs, dynamic=False)
+    except CaptureError as e:
+        captured.notes.append(f"{why}; a static capture failed too: {str(e).splitlines()[0]}")
+        return captured, sites, rejected
+    log.warning("%s: capturing again with static shapes", why)
+    static.notes.append(f"captured again with static shapes ({why}): the model is valid for "
+                        "the example's shapes only")
+    return static, *_find(static)
 
 
 def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Config, tol: float,

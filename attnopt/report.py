@@ -6,11 +6,16 @@ Rendered as a text table (CLI, ``print(report)``) and available as data (``to_di
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnopt.sites import AttentionSite, Rejected
 from attnopt.verify import ErrorStats
+
+if TYPE_CHECKING:
+    from attnopt.variants import Variant
 
 # Row outcomes.
 FUSED = "fused"
@@ -62,6 +67,7 @@ class Report:
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -89,6 +95,7 @@ class Report:
             "end_to_end": {k: v.to_dict() for k, v in self.end_to_end.items()},
             "tolerance": self.tolerance,
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
             "timings_s": dict(self.timings),
         }
 
@@ -107,6 +114,7 @@ class Report:
                    f"{self.count(REWRITTEN)} rewritten, {self.count(LEFT_EXACT)} left exact, "
                    f"{self.count(REVERTED)} reverted")
         lines.append(summary)
+        lines += [f"warning: {w}" for w in self.warnings]
         for name, err in self.end_to_end.items():
             lines.append(f"end-to-end error on {name}: {err.rel:.2e} (max abs {err.max_abs:.2e}, "
                          f"cosine {err.cosine:.6f})"
@@ -123,6 +131,39 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def unapplied_variants(report: Report, variant_for: Callable[[str], Variant | None],
+                       ) -> list[str]:
+    """One line per variant the user asked for that ended up applied to no site.
+
+    ``variant_for`` maps a site's location to the variant asked for there
+    (:meth:`attnopt.Config.variant_for`); the default exact fusion is not a request. A line
+    reads ``"Neighborhood2D(kernel=7) applied to 0 of 12 sites: <the most common reason>"``.
+    """
+    from attnopt.variants import Fused
+
+    asked: dict[str, list[SiteResult]] = {}
+    for row in report.rows:
+        v = variant_for(row.site.location)
+        if v is not None and not isinstance(v, Fused):
+            asked.setdefault(v.describe(), []).append(row)
+    lines = []
+    for name, rows in asked.items():
+        if any(r.variant == name and r.outcome in (FUSED, REWRITTEN) for r in rows):
+            continue
+        reasons = Counter(_refusal(r.note or r.outcome, name) for r in rows)
+        reason, _ = reasons.most_common(1)[0]
+        lines.append(f"{name} applied to 0 of {len(rows)} sites: {reason}")
+    return lines
+
+
+def _refusal(note: str, name: str) -> str:
+    """The variant's own reason out of a row note (``"<name> not applied: <why>; ..."``)."""
+    head = f"{name} not applied: "
+    if note.startswith(head):
+        note = note[len(head):]
+    return note.removesuffix("; fused exactly instead")
 
 
 def _row(r: SiteResult) -> list[str]:

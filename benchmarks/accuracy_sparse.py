@@ -111,9 +111,8 @@ def dinov2_cases(quick: bool, grid: int) -> list[dict[str, Any]]:
     windows = [32] if quick else [32, 128]
     ks = [2] if quick else [2, 4]
     return ([_case("exact", "-", 0, attnopt.Fused())]
-            + [_case("Neighborhood2D", "kernel", k,
-                     attnopt.Neighborhood2D(kernel=k, grid=(grid, grid)))
-               for k in kernels if k <= grid]
+            + [_case("Neighborhood2D", "kernel", k, attnopt.Neighborhood2D(kernel=k))
+               for k in kernels if k <= grid]  # the grid is inferred from the patch embedding
             + [_case("SlidingWindow", "window", w, attnopt.SlidingWindow(window=w))
                for w in windows]
             + [_case("BlockTopK(block=64)", "k", k, attnopt.BlockTopK(block=64, k=k))

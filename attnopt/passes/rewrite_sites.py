@@ -49,7 +49,7 @@ def emit_operands(graph: Graph, site: AttentionSite, lookup: Lookup,
     if mask is not None:
         mask = _mask_to_4d(graph, mask, site, r)
     ops = SiteOperands(q=q, k=k, v=v, mask=mask, causal=g.mask.causal, scale=site.scale,
-                       state=state)
+                       state=state, lookup=lookup)
     return ops, mid_sizes
 
 

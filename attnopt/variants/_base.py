@@ -11,6 +11,7 @@ A new variant touches only its own module.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -69,6 +70,17 @@ class SiteOperands:
     causal: bool
     scale: float
     state: Any = None  # what the variant's ``fit`` returned for this site (calibrated variants)
+    #: maps a node of the captured graph to the node standing for it in the graph being emitted
+    #: into (for variants that read other runtime sizes, e.g. an image's patch grid)
+    lookup: Callable[[Node], Node] | None = None
+
+
+class NeedsStaticShapes(str):
+    """A refusal reason (from ``can_apply``) that a capture with static shapes would lift.
+
+    ``optimize`` then captures the model again with every dimension specialised to the example
+    inputs and says so in the report.
+    """
 
 
 class VariantImpl(Protocol):

@@ -10,9 +10,12 @@ Cost O(N·(kernel² + P)) instead of O(N²).
 
 Constraints:
   * non-causal self attention over a token grid; causal and cross attention are refused;
-  * the grid is ``grid=(h, w)`` when given, otherwise inferred from the captured graph: the
-    output ``[B, C, h, w]`` of a 2-D convolution (the patch embedding) with
-    ``0 <= L - h·w < h·w``; no (static) such convolution → refused with a reason;
+  * the grid is ``grid=(h, w)`` when given, otherwise inferred from the captured graph
+    (:mod:`attnopt._match.grid`: the patch-embedding convolution, a position-embedding resize or
+    a reshape to the grid, with ``L = P + h·w`` for a constant ``P``). When the capture kept the
+    image size dynamic, the grid is proven for every size and passed to the op as runtime sizes
+    (``sym_size`` of that node); a grid that fits only the example asks ``optimize`` for a static
+    capture; no grid at all → refused with a reason;
   * ``kernel`` odd, ``kernel · dilation <= min(h, w)``;
   * masks: any mask is applied inside the pattern; GQA: the query heads of a kv group share
     their gathered neighborhood.
@@ -24,9 +27,10 @@ strided views of the strips (no per-tile copy); a separable (row ⊕ column) bia
 columns down to its own window. Prefix queries use one dense SDPA call over all keys.
 
 ONNX: no ORT CPU kernel implements neighborhood attention; both targets use a gather-based
-decomposition: constant tile / region index tables (the grid is static), ``Gather`` of the regions,
-the separable bias, batched attention per tile, and a ``Gather`` with the inverse permutation back
-to token order (the sequence length must be static).
+decomposition: tile / region index tables, ``Gather`` of the regions, the separable bias, batched
+attention per tile, and a ``Gather`` with the inverse permutation back to token order. A static
+grid and length get constant tables; a runtime grid (dynamic image size) gets the tables computed
+in the graph from ``Range`` and index arithmetic, so one file serves every image size.
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 from onnxscript import opset23 as op
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from attnopt._match.grid import GridSearch, TokenGrid, find_grid
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _flex, _sparse
-from attnopt.variants._base import SiteOperands, Variant, register
+from attnopt.variants._base import NeedsStaticShapes, SiteOperands, Variant, register
 
 if TYPE_CHECKING:
     from torch.fx import Graph, Node
@@ -58,7 +62,6 @@ aten = torch.ops.aten
 TILE = 8
 #: (grid rows, grid columns) of the queries of one block of the fast path.
 STRIP_TILE = (8, 8)
-_CONVS = (aten.conv2d.default, aten.convolution.default, aten._convolution.default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,7 +240,7 @@ def neighborhood2d(
             ``[B, H, L, L]``; applied inside the pattern.
         kernel: window side (odd).
         dilation: spacing of the window's taps.
-        grid_h: grid height in tokens.
+        grid_h: grid height in tokens (a runtime size in graphs whose image size is dynamic).
         grid_w: grid width in tokens.
         scale: multiplier of the scores.
 
@@ -417,51 +420,29 @@ class _StripPlan:
 
 
 def infer_grid(site: AttentionSite) -> tuple[tuple[int, int] | None, str]:
-    """The token grid of ``site`` from a 2-D convolution's output shape, or (None, reason)."""
-    length = site.q_len
-    if not isinstance(length, int):
-        return None, "the sequence length is unknown"
+    """The token grid of ``site`` at the example inputs, or (None, reason).
+
+    See :func:`attnopt._match.grid.find_grid` (patch-embedding convolution, position-embedding
+    resize, reshape to the grid).
+    """
+    found = _search(site)
+    return (found.grid.size, "") if found.grid is not None else (None, found.reason)
+
+
+def _search(site: AttentionSite) -> GridSearch:
     g = site.graph
-    graph = g.anchor.graph if g is not None else None
-    if graph is None:
-        return None, "the site carries no graph to infer the grid from; pass grid=(h, w)"
-    found, dynamic = [], False
-    for n in graph.nodes:
-        if n.op != "call_function" or n.target not in _CONVS:
-            continue
-        val = n.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() != 4:
-            continue
-        gh, gw = _concrete(val.shape[-2]), _concrete(val.shape[-1])
-        if gh is None or gw is None:
-            dynamic = True
-            continue
-        prefix = length - gh * gw
-        if 0 <= prefix < gh * gw:
-            found.append((prefix, gh, gw))
-    if found:
-        _, gh, gw = min(found)
-        return (gh, gw), ""
-    if dynamic:
-        return None, ("the patch grid is dynamic in the captured graph; capture with "
-                      "dynamic=False or pass grid=(h, w)")
-    return None, (f"no 2-D convolution produces a token grid matching the sequence length "
-                  f"{length}; pass grid=(h, w) if the tokens form an image grid")
+    if g is None:
+        return GridSearch(None, "the site carries no graph to infer the grid from; pass "
+                          "grid=(h, w)")
+    return find_grid(g.anchor)
 
 
-def _concrete(dim: object) -> int | None:
-    """An int, or a SymInt whose value is a constant (export keeps some static dims symbolic)."""
-    if isinstance(dim, int):
-        return dim
-    if isinstance(dim, torch.SymInt) and is_concrete_int(dim):
-        return int(dim)
-    return None
-
-
-def _grid_for(config: Neighborhood2D, site: AttentionSite) -> tuple[tuple[int, int] | None, str]:
+def _grid_for(config: Neighborhood2D, site: AttentionSite) -> GridSearch:
     if config.grid is not None:
-        return config.grid, ""
-    return infer_grid(site)
+        gh, gw = config.grid
+        length = site.q_len if isinstance(site.q_len, int) else gh * gw
+        return GridSearch(TokenGrid(gh, gw, length - gh * gw, None, (0, 0), "given"))
+    return _search(site)
 
 
 @register(Neighborhood2D)
@@ -476,12 +457,12 @@ class Neighborhood2DImpl:
             return "neighborhood attention needs self attention over one token grid"
         if _sparse.site_is_causal(site):
             return "neighborhood attention is bidirectional; this site is causal"
-        grid, why = _grid_for(config, site)
-        if grid is None:
-            return f"cannot find the token grid: {why}"
-        gh, gw = grid
-        prefix = site.q_len - gh * gw
-        if prefix < 0:
+        found = _grid_for(config, site)
+        if found.grid is None:
+            why = f"cannot find the token grid: {found.reason}"
+            return NeedsStaticShapes(why) if found.specialise else why
+        gh, gw = found.grid.size
+        if found.grid.prefix < 0:
             return (f"the sequence ({site.q_len} tokens) is shorter than the grid {gh}x{gw}")
         if min(gh, gw) < config.kernel * config.dilation:
             return (f"the grid {gh}x{gw} is smaller than kernel·dilation = "
@@ -490,21 +471,27 @@ class Neighborhood2DImpl:
 
     def emit(self, config: Neighborhood2D, graph: Graph, ops: SiteOperands,
              site: AttentionSite) -> Node:
-        grid, _ = _grid_for(config, site)
+        grid = _grid_for(config, site).grid
+        sizes: list = list(grid.size)
+        if grid.dynamic:
+            # the grid follows the image size: read it from the graph at run time
+            if ops.lookup is None:
+                raise ValueError("a dynamic token grid needs SiteOperands.lookup")
+            src = ops.lookup(grid.source)
+            sizes = [graph.call_function(aten.sym_size.int, (src, d)) for d in grid.dims]
         scale = float(ops.scale) if ops.scale is not None else site.head_dim ** -0.5
         return graph.call_function(
             torch.ops.attnopt.neighborhood2d.default,
-            (ops.q, ops.k, ops.v, ops.mask, config.kernel, config.dilation, grid[0], grid[1],
-             scale),
+            (ops.q, ops.k, ops.v, ops.mask, config.kernel, config.dilation, *sizes, scale),
         )
 
     def density(self, config: Neighborhood2D, site: AttentionSite) -> float:
-        """Pairs in the pattern over all pairs."""
+        """Pairs in the pattern over all pairs (at the example sizes)."""
         length = site.q_len
-        grid, _ = _grid_for(config, site)
+        grid = _grid_for(config, site).grid
         if not isinstance(length, int) or grid is None:
             return 1.0
-        return neighborhood_pairs(length, grid, config.kernel) / (length * length)
+        return neighborhood_pairs(length, grid.size, config.kernel) / (length * length)
 
 
 def neighborhood_pairs(length: int, grid: tuple[int, int], kernel: int) -> int:
@@ -540,14 +527,18 @@ def tile_tables(length: int, grid: tuple[int, int], kernel: int, dilation: int,
 
 @onnx_translation(torch.ops.attnopt.neighborhood2d.default, "onnx", "onnxruntime")
 def neighborhood2d_onnx(q, k, v, attn_mask=None, kernel: int = 3, dilation: int = 1,
-                        grid_h: int = 1, grid_w: int = 1, scale: float = 1.0):
-    """Standard ops: constant tile tables, ``Gather`` of regions, separable bias, attention.
+                        grid_h=1, grid_w=1, scale: float = 1.0):
+    """Standard ops: tile tables, ``Gather`` of regions, separable bias, attention.
 
-    The sequence length must be static (the grid is). Largest tensors: the gathered regions
+    A static grid and sequence length get constant tables (:func:`tile_tables`); a grid that
+    is a runtime size (dynamic image size) gets the same decomposition with tables computed in
+    the graph (:func:`_onnx_dynamic`). Largest tensors: the gathered regions
     ``[B, H, tiles, Kc, D]`` and the scores ``[B, H, tiles, t², Kc]``, Kc ≈ (t + kernel - 1)².
     """
     ops = _sparse.onnx_operands(q, k, v, attn_mask, scale)
-    length = _sparse._static(q, 2, "sequence length (the token grid is static)")
+    length = _sparse._static_or_none(q, 2)
+    if not (isinstance(grid_h, int) and isinstance(grid_w, int) and length is not None):
+        return _onnx_dynamic(ops, kernel, dilation, grid_h, grid_w)
     grid = (grid_h, grid_w)
     prefix = length - grid_h * grid_w
     tiles, key, inverse, used = tile_tables(length, grid, kernel, dilation)
@@ -577,35 +568,144 @@ def neighborhood2d_onnx(q, k, v, attn_mask=None, kernel: int = 3, dilation: int 
     bias = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=2)  # [nt, T, Kc]
     s = op.Add(op.MatMul(qg, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), bias)
     if ops.mask is not None:
-        s = op.Add(s, _onnx_tile_mask(ops, qslots, key, nt, t * t))
+        s = op.Add(s, _onnx_tile_mask(ops, _const(qslots), kidx, t * t))
     out = _sparse._onnx_softmax_out([(s, vg)], ops)                    # [B, H, nt, T, Dv]
     out = op.Reshape(out, _ints(0, 0, nt * t * t, ops.vdim))
     out = op.Gather(out, _const(inverse), axis=2)                      # [B, H, h·w, Dv]
     if prefix:
-        qp = op.Slice(ops.q, _ints(0), _ints(prefix), _ints(2))
-        sp = op.MatMul(qp, op.Transpose(ops.k, perm=[0, 1, 3, 2]))     # [B, H, P, L]
-        if ops.mask is not None:
-            mp = ops.mask if ops.key_only or _sparse._static_or_none(ops.mask, 2) == 1 \
-                else op.Slice(ops.mask, _ints(0), _ints(prefix), _ints(2))
-            sp = op.Add(sp, mp)
-        po = _sparse._onnx_softmax_out([(sp, ops.v)], ops)
-        out = op.Concat(po, out, axis=2)
+        out = op.Concat(_onnx_prefix(ops, _ints(prefix)), out, axis=2)
     return op.Cast(out, to=ops.dtype)
 
 
-def _onnx_tile_mask(ops: _sparse.OnnxOperands, qslots: np.ndarray, key: np.ndarray, nt: int,
-                    rows: int):
-    """The user's mask at the tiles' (query, key) positions: ``[Bm, Hm, nt, 1|T, Kc]``."""
+def _onnx_prefix(ops: _sparse.OnnxOperands, prefix):
+    """Dense attention of the ``prefix`` (``[1]`` int64) first queries over all keys."""
+    qp = op.Slice(ops.q, _ints(0), prefix, _ints(2))
+    sp = op.MatMul(qp, op.Transpose(ops.k, perm=[0, 1, 3, 2]))         # [B, H, P, L]
+    if ops.mask is not None:
+        mp = ops.mask if ops.key_only or _sparse._static_or_none(ops.mask, 2) == 1 \
+            else op.Slice(ops.mask, _ints(0), prefix, _ints(2))
+        sp = op.Add(sp, mp)
+    return _sparse._onnx_softmax_out([(sp, ops.v)], ops)
+
+
+def _onnx_tile_mask(ops: _sparse.OnnxOperands, qslots, key, rows: int):
+    """The user's mask at the tiles' (query, key) positions: ``[Bm, Hm, nt, 1|T, Kc]``.
+
+    ``qslots``: ``[nt·T]`` query positions; ``key``: ``[nt, Kc]`` key positions (int64 values).
+    """
     m = ops.mask
     lkm = _sparse._static_or_none(m, 3)
     if ops.key_only:
         if lkm == 1:
             return op.Unsqueeze(m, _ints(2))
-        return op.Unsqueeze(op.Gather(op.Squeeze(m, _ints(2)), _const(key), axis=2), _ints(3))
-    rows_m = op.Reshape(op.Gather(m, _const(qslots), axis=2), _ints(0, 0, nt, rows, -1))
+        return op.Unsqueeze(op.Gather(op.Squeeze(m, _ints(2)), key, axis=2), _ints(3))
+    rows_m = op.Reshape(op.Gather(m, qslots, axis=2),
+                        op.Concat(_ints(0, 0, -1, rows), op.Shape(m, start=3), axis=0))
     if lkm == 1:
         return rows_m
-    return _sparse._onnx_gather_cols(rows_m, _const(key))
+    return _sparse._onnx_gather_cols(rows_m, key)
+
+
+# -- ONNX, runtime grid ----------------------------------------------------------------------------
+
+
+def _onnx_dynamic(ops: _sparse.OnnxOperands, kernel: int, dilation: int, grid_h, grid_w):
+    """The tiled decomposition with the grid as runtime sizes (the tables built in the graph).
+
+    Like :func:`tile_tables`, but every dilation class of an axis gets as many tiles as the
+    largest class (padding queries are dropped by the final ``Gather``) and every tile's key
+    region has ``t + kernel - 1`` rows / columns (keys outside the axis are clamped and cut by
+    the bias), so the tables are plain index arithmetic on ``Range`` outputs.
+    """
+    t = TILE
+    r = t + kernel - 1
+    gh, gw = _size(grid_h), _size(grid_w)                              # [1] int64 each
+    qy, ky, by, ntcy, _ = _onnx_axis(gh, kernel, dilation, t)
+    qx, kx, bx, ntcx, ntx = _onnx_axis(gw, kernel, dilation, t)
+    length = _sparse._length(ops.q)
+    prefix = op.Sub(length, op.Mul(gh, gw))                            # [1]
+    # query slots [nty, ntx, t, t] → flat; padding queries read token 0 and are dropped later
+    qy4, qx4 = op.Unsqueeze(qy, _ints(1, 3)), op.Unsqueeze(qx, _ints(0, 2))
+    real = op.And(op.GreaterOrEqual(qy4, _ints(0)), op.GreaterOrEqual(qx4, _ints(0)))
+    qslots = op.Reshape(op.Where(real, op.Add(op.Add(prefix, op.Mul(qy4, gw)), qx4), _ints(0)),
+                        _ints(-1))
+    # key positions [nt, P + Ry·Rx]: the prefix tokens, then the tile's region
+    region = op.Add(op.Add(prefix, op.Mul(op.Unsqueeze(ky, _ints(1, 3)), gw)),
+                    op.Unsqueeze(kx, _ints(0, 2)))                     # [nty, ntx, Ry, Rx]
+    region = op.Reshape(region, _ints(-1, r * r))
+    nt = op.Shape(region, start=0, end=1)
+    head = op.Expand(op.Unsqueeze(op.Range(_sparse._scalar_i(0), op.Squeeze(prefix, _ints(0)),
+                                           _sparse._scalar_i(1)), _ints(0)),
+                     op.Concat(nt, prefix, axis=0))
+    key = op.Concat(head, region, axis=1)
+    # bias [nt, t², P + Ry·Rx]: 0 on the prefix, row window ⊕ column window on the region
+    rb = op.Add(op.Unsqueeze(by, _ints(1, 3, 5)), op.Unsqueeze(bx, _ints(0, 2, 4)))
+    rb = op.Reshape(rb, _ints(-1, t * t, r * r))
+    zeros = op.Expand(_sparse._scalar_f(0.0), op.Concat(nt, _ints(t * t), prefix, axis=0))
+    bias = op.Concat(zeros, rb, axis=2)
+    qg = op.Reshape(op.Gather(ops.q, qslots, axis=2), _ints(0, 0, -1, t * t, ops.dim))
+    kg = op.Gather(ops.k, key, axis=2)                                 # [B, H, nt, Kc, D]
+    vg = op.Gather(ops.v, key, axis=2)
+    s = op.Add(op.MatMul(qg, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), bias)
+    if ops.mask is not None:
+        s = op.Add(s, _onnx_tile_mask(ops, qslots, key, t * t))
+    out = _sparse._onnx_softmax_out([(s, vg)], ops)                    # [B, H, nt, T, Dv]
+    out = op.Reshape(out, _ints(0, 0, -1, ops.vdim))
+    # every grid token's slot in the tiles' order: ((tile_y·ntx + tile_x)·t + row)·t + column
+    ty, ry = _onnx_slots(gh, dilation, t, ntcy)
+    tx, rx = _onnx_slots(gw, dilation, t, ntcx)
+    slot = op.Add(op.Mul(op.Add(op.Mul(op.Add(op.Mul(op.Unsqueeze(ty, _ints(1)), ntx),
+                                              op.Unsqueeze(tx, _ints(0))), _ints(t)),
+                                op.Unsqueeze(ry, _ints(1))), _ints(t)),
+                  op.Unsqueeze(rx, _ints(0)))                          # [h, w]
+    out = op.Gather(out, op.Reshape(slot, _ints(-1)), axis=2)          # [B, H, h·w, Dv]
+    out = op.Concat(_onnx_prefix(ops, prefix), out, axis=2)
+    return op.Cast(out, to=ops.dtype)
+
+
+def _size(x):
+    """A grid size (int or int64 value) as a ``[1]`` int64 value."""
+    if isinstance(x, int):
+        return _ints(x)
+    return op.Reshape(op.Cast(x, to=ir.DataType.INT64), _ints(1))
+
+
+def _onnx_axis(n, kernel: int, dilation: int, t: int):
+    """Tile tables of one grid axis of runtime size ``n`` (``[1]`` int64), like
+    :func:`axis_tiles` with ``ntc`` tiles per dilation class and regions of ``R = t + kernel - 1``.
+
+    Returns ``(query [nt, t], key [nt, R], bias [nt, t, R], ntc [1], nt [1])``: query positions
+    (-1: padding), clamped key positions, 0 / -inf window bias.
+    """
+    d, half, r = dilation, kernel // 2, t + kernel - 1
+    ntc = op.Div(op.Add(op.Div(op.Add(n, _ints(d - 1)), _ints(d)), _ints(t - 1)), _ints(t))
+    nt = op.Mul(ntc, _ints(d))
+    j = op.Range(_sparse._scalar_i(0), op.Squeeze(nt, _ints(0)), _sparse._scalar_i(1))
+    a = op.Div(j, ntc)                                                 # dilation class [nt]
+    t0 = op.Mul(op.Mod(j, ntc), _ints(t))                              # first index in class
+    size = op.Unsqueeze(op.Div(op.Sub(op.Add(n, _ints(d - 1)), a), _ints(d)), _ints(1))
+    a1 = op.Unsqueeze(a, _ints(1))
+    ii = op.Add(op.Unsqueeze(t0, _ints(1)), _const(np.arange(t)[None, :]))  # [nt, t]
+    ok = op.Less(ii, size)
+    query = op.Where(ok, op.Add(a1, op.Mul(ii, _ints(d))), _ints(-1))
+    rs = op.Min(op.Max(op.Sub(op.Unsqueeze(t0, _ints(1)), _ints(half)), _ints(0)),
+                op.Sub(size, _ints(r)))                                # [nt, 1]
+    kk = op.Add(rs, _const(np.arange(r)[None, :]))                     # [nt, R]
+    key = op.Add(a1, op.Mul(op.Min(op.Max(kk, _ints(0)), op.Sub(size, _ints(1))), _ints(d)))
+    ws = op.Unsqueeze(op.Min(op.Max(op.Sub(ii, _ints(half)), _ints(0)),
+                             op.Sub(size, _ints(kernel))), _ints(2))   # [nt, t, 1]
+    kk3 = op.Unsqueeze(kk, _ints(1))                                   # [nt, 1, R]
+    seen = op.And(op.And(op.GreaterOrEqual(kk3, ws), op.Less(kk3, op.Add(ws, _ints(kernel)))),
+                  op.Unsqueeze(ok, _ints(2)))
+    return query, key, _sparse._where_bias(seen), ntc, nt
+
+
+def _onnx_slots(n, dilation: int, t: int, ntc):
+    """Per axis position ``[n]``: its tile (class-major, as :func:`_onnx_axis`) and row in it."""
+    i = op.Range(_sparse._scalar_i(0), op.Squeeze(n, _ints(0)), _sparse._scalar_i(1))
+    ii = op.Div(i, _ints(dilation))
+    tile = op.Add(op.Mul(op.Mod(i, _ints(dilation)), ntc), op.Div(ii, _ints(t)))
+    return tile, op.Mod(ii, _ints(t))
 
 
 def _ints(*values: int):
