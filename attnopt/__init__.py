@@ -16,6 +16,7 @@ from attnopt.errors import (
     ValidationError,
     VariantNotApplicableError,
 )
+from attnopt.export.decoder import DecoderExport, export_decoder
 from attnopt.export.onnx import ExportResult, export_onnx
 from attnopt.report import Report, SiteResult
 from attnopt.sites import AttentionSite
@@ -38,6 +39,7 @@ __all__ = [
     "CaptureError",
     "Config",
     "ConfigError",
+    "DecoderExport",
     "ExportError",
     "ExportResult",
     "Fused",
@@ -51,6 +53,7 @@ __all__ = [
     "ValidationError",
     "Variant",
     "VariantNotApplicableError",
+    "export_decoder",
     "export_onnx",
     "find_attention",
     "optimize",

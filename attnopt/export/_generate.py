@@ -180,14 +180,11 @@ class _State:
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One forward (prefill or decode); returns the last position's logits ``[B, V]``."""
-        from attnopt.export._decoder_capture import position_ids_for
-
-        import torch
-
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        pos = position_ids_for(torch.from_numpy(mask), ids.shape[1]).numpy()
+        # HF's positions: cumsum(mask) - 1, and 1 at padding (attnopt.export._decoder_capture)
+        pos = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1]:]
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if "position_ids" in self.r.input_names:

@@ -154,6 +154,5 @@ def kv_attention_onnx(q, k, v, past_k, past_v, attention_mask, window: int, scal
     bias = _padding_bias(q, attention_mask)
     low = op.CastLike(op.Constant(value_float=FLOAT32_MIN), q)
     mask = op.Where(allowed, bias, low)
-    out, present_k, present_v = op.Attention(q, k, v, mask, past_k, past_v, scale=float(scale),
-                                             _outputs=3)[:3]
-    return out, present_k, present_v
+    outs = op.Attention(q, k, v, mask, past_k, past_v, scale=float(scale))
+    return outs[0], outs[1], outs[2]

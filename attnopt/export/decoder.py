@@ -224,6 +224,7 @@ def export_decoder(
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise ConfigError(f"config must be an attnopt.Config, got {type(config).__name__}")
+    _check_variants(config)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} exists and is not a directory")
@@ -249,7 +250,7 @@ def export_decoder(
         result = DecoderExport(out_dir=out_dir, path=out_dir / "model.onnx", target=target,
                                layout=layout, tolerance=tol, timings=timings)
         result.sites = [DecodeSiteReport(
-            d.site.index, d.site.location, d.layer, d.window, d.applied_window,
+            d.site.index, user_location(d.site.location), d.layer, d.window, d.applied_window,
             "GroupQueryAttention" if target == "onnxruntime" else "Attention")
             for d in decode_sites]
         approx = [d for d in decode_sites if d.applied_window != d.window]
@@ -346,20 +347,27 @@ def _lower_sites(program, wrapper, layout: CacheLayout, ids_pool, config, target
     return gm, found
 
 
+def _check_variants(config) -> None:
+    from attnopt.variants import Fused, SlidingWindow
+
+    for where, v in [("variant", config.variant), *config.overrides.items()]:
+        if not isinstance(v, (Fused, SlidingWindow)):
+            name = "None (leave exact)" if v is None else v.describe()
+            raise ConfigError(f"decode export supports Fused() and SlidingWindow(window=W); "
+                              f"{where} asks for {name}")
+        if isinstance(v, SlidingWindow) and v.causal is False:
+            raise ConfigError("SlidingWindow(causal=False) would let a decoder see future "
+                              "tokens; use causal=None or True for decode export")
+
+
 def _window_for(config, d) -> int:
     from attnopt.variants import Fused, SlidingWindow
 
-    variant = config.variant_for(d.site.location)
+    variant = config.variant_for(user_location(d.site.location))
     if isinstance(variant, Fused):
         return d.window
-    if isinstance(variant, SlidingWindow):
-        if variant.causal is False:
-            raise ConfigError("SlidingWindow(causal=False) would let a decoder see future "
-                              "tokens; use causal=None or True for decode export")
-        return variant.window if not d.window else min(variant.window, d.window)
-    name = "None (leave exact)" if variant is None else variant.describe()
-    raise ConfigError(f"decode export supports Fused() and SlidingWindow(window=W); site "
-                      f"{d.site.location} asks for {name}")
+    assert isinstance(variant, SlidingWindow), "checked by _check_variants"
+    return variant.window if not d.window else min(variant.window, d.window)
 
 
 def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bool,
@@ -367,8 +375,8 @@ def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bo
     """Export the rewritten graph, name the contract's inputs/outputs and dims, save."""
     import onnx_ir as ir
 
-    from attnopt.export.onnx import _standard_fusions, _summarize_exporter_error
     from attnopt.export._decoder_capture import dynamic_spec
+    from attnopt.export.onnx import _standard_fusions, _summarize_exporter_error
 
     ids, mask, pos, flat = example
     past_names, present_names = _cache_names(layout.layers)
@@ -541,6 +549,12 @@ def genai_config(model, hf_config, layout: CacheLayout, sites, result: DecoderEx
                    "past_present_share_buffer": result.target == "onnxruntime",
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
+
+
+def user_location(location: str) -> str:
+    """A site's module path in the user's model (without the capture wrappers' prefix)."""
+    prefix = "inner.model."
+    return location[len(prefix):] if location.startswith(prefix) else location
 
 
 def _since(t0: float) -> float:
