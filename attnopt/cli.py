@@ -163,6 +163,9 @@ def _decoder_commands(sub, common, rewriting) -> None:
     sp.add_argument("--cache", default=None, choices=["shared", "growing"],
                     help="cache mode (default: shared for onnxruntime, growing for onnx)")
     sp.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    sp.add_argument("--no-spin", action="store_true",
+                    help="idle onnxruntime threads sleep instead of busy-waiting (faster on "
+                         "cores shared with other work)")
     sp.add_argument("-o", "--out", default=None,
                     help="keep the exported directory here (default: a temporary one)")
     sp.set_defaults(func=_generate)
@@ -211,7 +214,8 @@ def _generate(args) -> int:
                                      config=_config(args), tokenizer=tok)
         print(res.table(), file=sys.stderr)
         _step(f"generating {args.max_new_tokens} tokens")
-        gen = res.generate(ids, args.max_new_tokens, cache=args.cache, threads=args.threads)
+        gen = res.generate(ids, args.max_new_tokens, cache=args.cache, threads=args.threads,
+                           spin=not args.no_spin)
     new = gen.sequences[0, len(ids[0]):].tolist()
     text = tok.decode(gen.sequences[0], skip_special_tokens=True) if tok is not None and \
         not args.prompt_ids else " ".join(map(str, gen.sequences[0].tolist()))

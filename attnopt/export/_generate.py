@@ -60,17 +60,23 @@ class OrtRunner:
         layers, kv_heads, head_dim, value_dim: the cache layout.
         shared_ok: whether the file supports a shared past/present buffer.
         threads: intra-op threads (None: onnxruntime's default).
+        spin: let idle onnxruntime threads busy-wait between ops (its default). On cores shared
+            with other work, ``False`` was ~1.9x faster for SmolLM2 decode (measured under load;
+            see README); onnxruntime-genai's config has no switch for it.
     """
 
     def __init__(self, path: str | Path, *, layers: int, kv_heads: int, head_dim: int,
                  value_dim: int, shared_ok: bool, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 spin: bool = True, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), so,
                                             providers=providers or ["CPUExecutionProvider"])
         self.layers, self.kv_heads = layers, kv_heads

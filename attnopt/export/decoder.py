@@ -113,18 +113,20 @@ class DecoderExport:
         """The cache modes the file supports."""
         return ("shared", "growing") if self.target == "onnxruntime" else ("growing",)
 
-    def runner(self, threads: int | None = None) -> OrtRunner:
-        """An onnxruntime runner on the file (one per thread count, kept)."""
-        if threads not in self._runners:
+    def runner(self, threads: int | None = None, spin: bool = True) -> OrtRunner:
+        """An onnxruntime runner on the file (one per setting, kept); see :class:`OrtRunner`."""
+        key = (threads, spin)
+        if key not in self._runners:
             L = self.layout
-            self._runners[threads] = OrtRunner(
+            self._runners[key] = OrtRunner(
                 self.path, layers=L.layers, kv_heads=L.kv_heads, head_dim=L.head_dim,
-                value_dim=L.value_dim, shared_ok=self.target == "onnxruntime", threads=threads)
-        return self._runners[threads]
+                value_dim=L.value_dim, shared_ok=self.target == "onnxruntime", threads=threads,
+                spin=spin)
+        return self._runners[key]
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
                  do_sample: bool = False, cache: str | None = None, threads: int | None = None,
-                 **kwargs: Any) -> Generation:
+                 spin: bool = True, **kwargs: Any) -> Generation:
         """Generate with the exported file (greedy unless ``do_sample``).
 
         Args:
@@ -135,6 +137,7 @@ class DecoderExport:
             cache: ``"shared"`` (one max-length buffer, the default for onnxruntime) or
                 ``"growing"``.
             threads: onnxruntime intra-op threads.
+            spin: let idle onnxruntime threads busy-wait (False: better on busy shared cores).
             **kwargs: ``eos_token_id`` / ``pad_token_id`` (default: the model's), ``max_length``,
                 ``temperature``, ``top_k``, ``seed``, ``keep_logits``.
 
@@ -143,7 +146,7 @@ class DecoderExport:
         """
         kwargs.setdefault("eos_token_id", self.eos_token_id)
         kwargs.setdefault("pad_token_id", self.pad_token_id)
-        return self.runner(threads).generate(
+        return self.runner(threads, spin).generate(
             input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
             cache=cache or self.cache_modes[0], **kwargs)
 
