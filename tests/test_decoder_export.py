@@ -190,22 +190,6 @@ def test_directory_and_contract(exported):
     assert [s.applied_window for s in res.sites] == [6 if arch == "mistral" else 0] * 2
 
 
-def test_mistral_window_is_read_from_the_model_and_matches_hf():
-    """The window comes from the mask (not the config) and equals HF's sliding_window."""
-    torch.manual_seed(0)
-    model = _tiny("mistral").eval()
-    from attnopt.export import _decoder_capture as dc
-    from attnopt.export.decoder import _lower_sites
-
-    ids, _ = _prompt()
-    wrapper = dc.DecoderWrapper(model)
-    layout = dc.cache_layout(wrapper, ids)
-    program = dc.capture_decoder(wrapper, dc.decoder_inputs(layout, ids, 2, 3, 5))
-    model.config.sliding_window = None  # the probe size hint only; the window must still show
-    _, sites = _lower_sites(program, wrapper, layout, ids, attnopt.Config(), "onnxruntime")
-    assert [d.window for d in sites] == [6, 6]
-
-
 def test_onnx_target_standard_attention_with_past(tmp_path):
     """target='onnx': Attention-23 with past_key/past_value; the window goes into its mask."""
     torch.manual_seed(0)
