@@ -18,6 +18,7 @@ from attnopt.errors import (
     ValidationError,
     VariantNotApplicableError,
 )
+from attnopt.export.decoder import DecoderExport, export_decoder
 from attnopt.export.onnx import ExportResult, export_onnx
 from attnopt.report import Report, SiteResult
 from attnopt.sites import AttentionSite
@@ -52,6 +53,7 @@ __all__ = [
     "CaptureError",
     "Config",
     "ConfigError",
+    "DecoderExport",
     "ExportError",
     "ExportResult",
     "Fused",
@@ -67,6 +69,7 @@ __all__ = [
     "ValidationError",
     "Variant",
     "VariantNotApplicableError",
+    "export_decoder",
     "export_onnx",
     "find_attention",
     "optimize",

@@ -151,7 +151,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     log.info("optimized %s: %d sites, %d fused, %d rewritten, %d left exact, %d reverted",
              report.model, len(report.rows), report.count(FUSED), report.count(REWRITTEN),
              report.count(LEFT_EXACT), report.count(REVERTED))
-    return OptimizedModel(captured.gm, captured, report, config)
+    fast = OptimizedModel(captured.gm, captured, report, config)
+    # Kept outside the module tree (no second copy in state_dict): export_decoder captures the
+    # source model again, with a KV cache.
+    fast.__dict__["source_model"] = model
+    return fast
 
 
 # -- stages ------------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
                     help="stop after SECONDS (default: run until Ctrl-C)")
     sp.set_defaults(func=_serve)
+    _decoder_commands(sub, common, rewriting)
     return p
 
 
@@ -157,6 +158,8 @@ def _optimize(args) -> int:
 def _export(args) -> int:
     import attnopt
 
+    if getattr(args, "decoder", False):
+        return _export_decoder(args)
     built = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +203,91 @@ def _check_trt(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     return 0 if result.ok else 1
+
+# -- decoder LLMs: KV-cache export and generation ------------------------------------------------
+
+
+def _decoder_commands(sub, common, rewriting) -> None:
+    """``export --decoder`` options and the ``generate`` command."""
+    sp = sub.choices["export"]
+    sp.add_argument("--decoder", action="store_true",
+                    help="causal LM: export one KV-cache graph for prefill and decode "
+                         "(model.onnx + genai_config.json ...) into the -o directory")
+    sp.add_argument("--max-length", type=int, default=None,
+                    help="--decoder: search.max_length in genai_config.json")
+
+    sp = sub.add_parser("generate", help="export a causal LM with a KV cache, generate text "
+                                         "in onnxruntime, print it and tokens/s")
+    common(sp)
+    rewriting(sp)
+    sp.add_argument("--prompt", default="Attention is", help="the prompt text")
+    sp.add_argument("--prompt-ids", default=None, metavar="ID,ID,...",
+                    help="token ids instead of text (for models without a tokenizer)")
+    sp.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"])
+    sp.add_argument("--cache", default=None, choices=["shared", "growing"],
+                    help="cache mode (default: shared for onnxruntime, growing for onnx)")
+    sp.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    sp.add_argument("--no-spin", action="store_true",
+                    help="idle onnxruntime threads sleep instead of busy-waiting (faster on "
+                         "cores shared with other work)")
+    sp.add_argument("-o", "--out", default=None,
+                    help="keep the exported directory here (default: a temporary one)")
+    sp.set_defaults(func=_generate)
+
+
+def _export_decoder(args) -> int:
+    import attnopt
+
+    built = _load(args)
+    _step(f"exporting a KV-cache decoder to {args.out} (target {args.target}) and validating "
+          "prefill + decode in onnxruntime")
+    res = attnopt.export_decoder(built.model, built.inputs, args.out, target=args.target,
+                                 config=_config(args), tokenizer=built.tokenizer,
+                                 max_length=args.max_length, fuse=not args.no_fuse)
+    print(res.table())
+    print(f"wrote {', '.join(res.files)} to {res.out_dir}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "sites": [s.to_dict() for s in res.sites], "parity": res.parity,
+            "notes": res.notes, "files": res.files, "timings_s": res.timings}, indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    import tempfile
+
+    import attnopt
+    from attnopt.errors import ConfigError
+
+    built = _load(args)
+    tok = built.tokenizer
+    if args.prompt_ids:
+        try:
+            ids = [[int(t) for t in args.prompt_ids.split(",")]]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids {args.prompt_ids!r}: expected integers separated "
+                              "by commas") from None
+    elif tok is None:
+        raise ConfigError(f"{args.spec} has no tokenizer: pass --prompt-ids 5,17,33")
+    else:
+        ids = tok([args.prompt], return_tensors="pt").input_ids.tolist()
+    with tempfile.TemporaryDirectory(prefix="attnopt-decoder-") as tmp:
+        out = args.out or Path(tmp) / "model"
+        _step(f"exporting a KV-cache decoder (target {args.target})")
+        res = attnopt.export_decoder(built.model, built.inputs, out, target=args.target,
+                                     config=_config(args), tokenizer=tok)
+        print(res.table(), file=sys.stderr)
+        _step(f"generating {args.max_new_tokens} tokens")
+        gen = res.generate(ids, args.max_new_tokens, cache=args.cache, threads=args.threads,
+                           spin=not args.no_spin)
+    new = gen.sequences[0, len(ids[0]):].tolist()
+    text = tok.decode(gen.sequences[0], skip_special_tokens=True) if tok is not None and \
+        not args.prompt_ids else " ".join(map(str, gen.sequences[0].tolist()))
+    print(text)
+    print(f"[{len(new)} new tokens; prefill {gen.prefill_s * 1e3:.1f} ms, decode "
+          f"{gen.decode_tokens_per_s:.1f} tokens/s]")
+    return 0
 
 
 def _write_triton(args, res, name: str) -> None:

@@ -1,0 +1,235 @@
+"""Generation runners over an exported decoder file (onnxruntime, IOBinding).
+
+One session runs prefill (past length 0) and every decode step. Two cache modes:
+  * ``"growing"`` (optimum's ``ORTModelForCausalLM`` style): each step's presents, left where
+    onnxruntime allocated them, are bound as the next step's past (no copy through numpy);
+  * ``"shared"`` (onnxruntime-genai's ``past_present_share_buffer``): one preallocated
+    ``[B, kv_heads, max_length, head_dim]`` buffer per cache tensor is bound as both past and
+    present; ``GroupQueryAttention`` appends the new keys in place. Only the ``onnxruntime``
+    target can do this (the standard ``Attention`` op always returns a new present).
+
+Greedy by default; ``do_sample=True`` draws from ``softmax(logits / temperature)`` restricted to
+the ``top_k`` best tokens. Rows that emitted ``eos_token_id`` continue with ``pad_token_id``
+and generation stops when every row has finished, as HF ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnopt.errors import ConfigError
+
+CACHE_MODES = ("growing", "shared")
+
+
+@dataclass
+class Generation:
+    """Generated tokens and timings.
+
+    Attributes:
+        sequences: ``[B, S + new]`` int64, the prompt followed by the generated tokens.
+        logits: per step ``[B, vocab]`` float logits of the chosen position (when kept).
+        prefill_s: seconds of the prefill run.
+        decode_s: seconds of all decode steps.
+        new_tokens: decode steps run + 1 (tokens generated per row).
+    """
+
+    sequences: np.ndarray
+    logits: list[np.ndarray] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per row over the decode steps (prefill excluded)."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class OrtRunner:
+    """Runs an exported decoder file; see the module docstring.
+
+    Args:
+        path: the ``model.onnx`` file.
+        layers, kv_heads, head_dim, value_dim: the cache layout.
+        shared_ok: whether the file supports a shared past/present buffer.
+        threads: intra-op threads (None: onnxruntime's default).
+        spin: let idle onnxruntime threads busy-wait between ops (its default). On cores shared
+            with other work, ``False`` was ~1.9x faster for SmolLM2 decode (measured under load;
+            see README); onnxruntime-genai's config has no switch for it.
+    """
+
+    def __init__(self, path: str | Path, *, layers: int, kv_heads: int, head_dim: int,
+                 value_dim: int, shared_ok: bool, threads: int | None = None,
+                 spin: bool = True, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), so,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.layers, self.kv_heads = layers, kv_heads
+        self.head_dim, self.value_dim = head_dim, value_dim
+        self.shared_ok = shared_ok
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.dtype = _np_dtype(self.session.get_inputs()[3].type) if len(
+            self.input_names) > 3 else np.float32
+
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 cache: str = "growing", max_length: int | None = None, seed: int = 0,
+                 keep_logits: bool = False) -> Generation:
+        """Generate ``max_new_tokens`` tokens after ``input_ids`` (left-padded when batched).
+
+        Args:
+            input_ids: ``[B, S]`` ints (tensor, array or nested list).
+            max_new_tokens: tokens to generate per row.
+            attention_mask: ``[B, S]``, 0 at (left) padding; all ones when None.
+            do_sample, temperature, top_k: sampling instead of greedy.
+            eos_token_id, pad_token_id: stop token(s) and the filler after them.
+            cache: ``"growing"`` or ``"shared"`` (see the module docstring).
+            max_length: size of the shared buffer (default prompt + max_new_tokens).
+            seed: sampling seed.
+            keep_logits: keep every step's logits in the result.
+        """
+        ids = _as_int64(input_ids, "input_ids")
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ConfigError(f"input_ids must be [batch, length] with length >= 1, got "
+                              f"shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask,
+                                                                          "attention_mask")
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask shape {mask.shape} differs from input_ids "
+                              f"{ids.shape}")
+        if cache not in CACHE_MODES:
+            raise ConfigError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache == "shared" and not self.shared_ok:
+            raise ConfigError("this file cannot share past and present buffers (target 'onnx': "
+                              "the standard Attention op returns a new present); use "
+                              "cache='growing'")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        b, s = ids.shape
+        total_max = s + max_new_tokens
+        if cache == "shared":
+            max_length = max_length or total_max
+            if max_length < total_max:
+                raise ConfigError(f"max_length {max_length} < prompt {s} + {max_new_tokens} new "
+                                  "tokens")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+        rng = np.random.default_rng(seed)
+        state = _State(self, b, cache, max_length)
+        out = Generation(sequences=ids)
+        unfinished = np.ones(b, dtype=bool)
+        tokens = [ids]
+        cur_ids, cur_mask = ids, mask
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            logits = state.run(cur_ids, cur_mask)
+            nxt = _choose(logits, do_sample, temperature, top_k, rng)
+            dt = time.perf_counter() - t0
+            if step == 0:
+                out.prefill_s = dt
+            else:
+                out.decode_s += dt
+            if keep_logits:
+                out.logits.append(logits.copy())
+            if eos:
+                nxt = np.where(unfinished, nxt, pad)
+                unfinished &= ~np.isin(nxt, list(eos))
+            tokens.append(nxt[:, None])
+            out.new_tokens = step + 1
+            if eos and not unfinished.any():
+                break
+            cur_ids = nxt[:, None].astype(np.int64)
+            cur_mask = np.concatenate([cur_mask, np.ones((b, 1), np.int64)], axis=1)
+        out.sequences = np.concatenate(tokens, axis=1)
+        return out
+
+
+class _State:
+    """The IOBinding and cache of one generation."""
+
+    def __init__(self, runner: OrtRunner, batch: int, cache: str, max_length: int | None):
+        import onnxruntime as ort
+
+        self.r = runner
+        self.batch = batch
+        self.cache = cache
+        self.binding = runner.session.io_binding()
+        names = []
+        for i in range(runner.layers):
+            names += [(f"past_key_values.{i}.key", f"present.{i}.key", runner.head_dim),
+                      (f"past_key_values.{i}.value", f"present.{i}.value", runner.value_dim)]
+        self.names = names
+        if cache == "shared":
+            self.past = [ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((batch, runner.kv_heads, max_length, d), runner.dtype))
+                for _, _, d in names]
+        else:
+            self.past = [ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((batch, runner.kv_heads, 0, d), runner.dtype)) for _, _, d in names]
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One forward (prefill or decode); returns the last position's logits ``[B, V]``."""
+        io = self.binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        # HF's positions: cumsum(mask) - 1, and 1 at padding (attnopt.export._decoder_capture)
+        pos = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1]:]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if "position_ids" in self.r.input_names:
+            io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        io.bind_output("logits", "cpu")
+        for (past_name, present_name, _), value in zip(self.names, self.past):
+            io.bind_ortvalue_input(past_name, value)
+            if self.cache == "shared":
+                io.bind_ortvalue_output(present_name, value)
+            else:
+                io.bind_output(present_name, "cpu")
+        self.r.session.run_with_iobinding(io)
+        outs = io.get_outputs()  # in binding order: logits, then the presents
+        if self.cache == "growing":
+            self.past = list(outs[1:])
+        return outs[0].numpy()[:, -1, :]
+
+
+def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None,
+            rng: np.random.Generator) -> np.ndarray:
+    if not do_sample:
+        return logits.argmax(-1).astype(np.int64)
+    x = logits.astype(np.float64) / max(temperature, 1e-6)
+    if top_k:
+        kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)
+
+
+def _as_int64(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    try:
+        return np.ascontiguousarray(np.asarray(x, dtype=np.int64))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be integers, got {type(x).__name__}") from e
+
+
+def _np_dtype(onnx_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(onnx_type, np.float32)
