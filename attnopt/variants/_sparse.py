@@ -39,6 +39,7 @@ import torch
 from onnxscript import opset23 as op
 
 from attnopt.errors import ExportError
+from attnopt.export import _onnx_ops as ox
 
 if TYPE_CHECKING:
     from attnopt.sites import AttentionSite
@@ -766,7 +767,11 @@ def onnx_band_attention(q: Any, k: Any, v: Any, attn_mask: Any, *, lo: int, hi: 
     Query blocks of ``b`` rows (``band_block``) read the ``b + lo + hi`` keys of their band,
     gathered as ``[B, H, nb, Kc, D]``; the sinks are one extra ``[B, H, 1, s, D]`` segment.
     Largest tensors: the band scores ``[B, H, nb, b, Kc]`` and the gathered keys / values.
+    Heads folded into the batch (``[1, B·H, L, D]``) run as ``B·H`` one-head sequences.
     """
+    if ox.folded_heads(q, k, v, attn_mask):
+        return ox.as_one_head_sequences(onnx_band_attention, q, k, v, attn_mask, lo=lo, hi=hi,
+                                        sinks=sinks, scale=scale)
     ops = onnx_operands(q, k, v, attn_mask, scale)
     block = band_block(lo + hi)
     width = round_up(block + lo + hi)

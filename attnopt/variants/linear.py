@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 from attnopt.errors import ConfigError, ExportError, VariantNotApplicableError
+from attnopt.export import _onnx_ops as ox
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _feature_maps as fm
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -436,6 +437,17 @@ class LinearImpl:
                         "projection (features=...) or choose another map")
         return None
 
+    def static_dims(self, config: Linear, site: AttentionSite) -> tuple[str, ...]:
+        """Dims the site's feature-map tensors are sized by (see ``passes/static_sizes``).
+
+        Fitted or learned maps hold per-head projections ``[H, D, m]``; performer's random
+        features are ``[D, F]``; elu / relu / taylor without a fit hold nothing.
+        """
+        per_head = site.heads is not None and (config.steps > 0 or config.feature_map == "learned")
+        if per_head:
+            return ("heads", "kv_heads", "head_dim")
+        return ("head_dim",) if config.feature_map == "performer" else ()
+
     def emit(self, config: Linear, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
         state = ops.state if isinstance(ops.state, FittedMaps) else None
         if config.feature_map == "learned" and state is None:
@@ -644,8 +656,13 @@ def linear_attention_onnx(q, k, v, attn_mask=None, wq=None, bq=None, wk=None, bk
     ``block``, ``Reshape`` into blocks, masked intra-block ``MatMul``, inter-block state from an
     exclusive ``CumSum`` over the block states, ``Slice`` back. ``com.microsoft`` has no fitting
     contrib op (its ``LinearAttention`` has no feature map nor normaliser), so the ONNX Runtime
-    target uses the same decomposition.
+    target uses the same decomposition. Heads folded into the batch (``[1, B·H, L, D]``, no
+    per-head projections) run as ``B·H`` one-head sequences.
     """
+    if wq is None and wk is None and ox.folded_heads(q, k, v, attn_mask):
+        return ox.as_one_head_sequences(
+            linear_attention_onnx, q, k, v, attn_mask, omega=omega, is_causal=is_causal,
+            scale=scale, feature_map=feature_map, block=block)
     h, d = _static(q, 1, "head count"), _static(q, 3, "head dim")
     hkv, dv = _static(k, 1, "kv head count"), _static(v, 3, "value dim")
     g, e = h // hkv, dv + 1
