@@ -50,6 +50,7 @@ class Captured:
     notes: list[str] = field(default_factory=list)
     resize_note: str | None = None
     _kept: dict = field(default_factory=dict, repr=False)
+    _shapes: list = field(default_factory=list, repr=False)
 
     def input_sets(self) -> list[Inputs]:
         """The example inputs, then the alternate-size inputs when there are any."""
@@ -124,7 +125,7 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> 
     log.info("captured %s: %d graph nodes, %s", type(model).__name__, len(gm.graph.nodes),
              "dynamic" if is_dynamic else "static")
     return Captured(program, gm, ordered, chosen.inputs, is_dynamic, spec, injected, notes,
-                    chosen.note)
+                    chosen.note, _shapes=shapes)
 
 
 @dataclass
@@ -143,21 +144,24 @@ class GraphRun:
     rewrite_at_fault: bool = False
 
 
-def run_rewritten(captured: Captured, inputs: Inputs) -> GraphRun:
-    """Call ``captured.gm`` on ``inputs``; a failure is a result, never an exception.
+def run_rewritten(captured: Captured, inputs: Inputs,
+                  gm: torch.fx.GraphModule | None = None) -> GraphRun:
+    """Call the rewritten graph (``gm``, default ``captured.gm``) on ``inputs`` without grad; a
+    failure is a result, never an exception.
 
     torch.export's guards raise a bare ``AssertionError("Guard failed: ...")``; a fitted state
     of the wrong size raises a RuntimeError. Either becomes ``failure``, and the original
     captured graph tells whose fault it is.
     """
-    try:
-        return GraphRun(output=inputs.call(captured.gm))
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        err = _first_line(e)
-    try:
-        captured.program.module()(*inputs.args, **inputs.kwargs)
-    except Exception as e:  # noqa: BLE001
-        return GraphRun(failure=f"the captured graph rejects these sizes ({_first_line(e)})")
+    with torch.no_grad():
+        try:
+            return GraphRun(output=inputs.call(captured.gm if gm is None else gm))
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            err = _first_line(e)
+        try:
+            captured.program.module()(*inputs.args, **inputs.kwargs)
+        except Exception as e:  # noqa: BLE001
+            return GraphRun(failure=f"the captured graph rejects these sizes ({_first_line(e)})")
     return GraphRun(failure=f"the rewritten graph fails ({err})", rewrite_at_fault=True)
 
 
@@ -197,10 +201,21 @@ def _export(model, inputs: Inputs, spec) -> ExportedProgram:
 
 
 def reexport(captured: Captured, gm: torch.fx.GraphModule) -> ExportedProgram:
-    """Export a rewritten graph module again (same inputs and dynamic spec)."""
+    """Export a rewritten graph module again (same inputs and dynamic spec).
+
+    Dims kept static for a rewrite's state (see :meth:`Captured.keep_static`) are exported
+    static: the rewritten graph is only valid at their example sizes.
+    """
     inputs = captured.inputs
-    return torch.export.export(gm, inputs.args, inputs.kwargs,
-                               dynamic_shapes=captured.dynamic_shapes, strict=False)
+    spec = captured.dynamic_shapes
+    if spec is not None and captured._kept:
+        static = {i: {d for d, s in enumerate(shp) if not isinstance(s, int)
+                      and s.node.expr.free_symbols & set(captured._kept)}
+                  for i, shp in enumerate(captured._shapes) if shp is not None}
+        names = list(spec)[:len(inputs.args)] if isinstance(spec, dict) and inputs.args else None
+        spec = _dynamic_shapes_spec(inputs, names, static)
+    return torch.export.export(gm, inputs.args, inputs.kwargs, dynamic_shapes=spec,
+                               strict=False)
 
 
 @contextmanager
@@ -235,10 +250,30 @@ def _with_hf_defaults(model: torch.nn.Module, inputs: Inputs) -> tuple[Inputs, d
 
 def _auto_dynamic_shapes(model: torch.nn.Module, inputs: Inputs):
     """Dim.AUTO for every dimension of every tensor input, in torch.export's spec structure."""
+    names = None
+    if inputs.args and inputs.kwargs:
+        # Mixed: torch.export wants a dict keyed by parameter names.
+        names = [n for n, p in inspect.signature(model.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(names) < len(inputs.args):
+            raise ConfigError("pass the example inputs either all positionally or all by "
+                              "keyword")
+    return _dynamic_shapes_spec(inputs, names, {})
+
+
+def _dynamic_shapes_spec(inputs: Inputs, names: list[str] | None, static: dict[int, set]):
+    """Dim.AUTO for every tensor dim except ``static[leaf index]`` (Dim.STATIC).
+
+    Leaves are numbered in the flat order of ``(inputs.args, inputs.kwargs)``; ``names`` are the
+    positional parameter names when args and kwargs are mixed.
+    """
+    counter = iter(range(1 << 30))
 
     def spec(x):
-        if isinstance(x, torch.Tensor):
-            return {d: Dim.AUTO for d in range(x.dim())} if x.dim() > 0 else None
+        i = next(counter)
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {d: Dim.STATIC if d in static.get(i, ()) else Dim.AUTO
+                    for d in range(x.dim())}
         return None
 
     args = tuple(pytree.tree_map(spec, a) for a in inputs.args)
@@ -247,12 +282,7 @@ def _auto_dynamic_shapes(model: torch.nn.Module, inputs: Inputs):
         return args
     if not inputs.args:
         return kwargs
-    # Mixed: torch.export wants a dict keyed by parameter names.
-    names = [n for n, p in inspect.signature(model.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) < len(args):
-        raise ConfigError("pass the example inputs either all positionally or all by keyword")
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names or [], args)), **kwargs}
 
 
 def _ordered_kwargs(kwargs: dict, program: ExportedProgram) -> dict:

@@ -106,16 +106,21 @@ def test_fallback_changes_only_what_the_guards_accept():
     assert "verified on the example inputs only" in nothing.note
 
 
-def test_per_head_state_keeps_the_head_count_of_the_example():
+def test_per_head_state_keeps_the_head_count_of_the_example(tmp_path):
+    pytest.importorskip("onnxruntime")
     q, k, v = (torch.randn(1, 6, 40, 16) for _ in range(3))
     cfg = attnopt.Config(variant=attnopt.Linear(feature_map="elu", steps=10))
     fast = attnopt.optimize(QKV(), (q, k, v), cfg)
     report = fast.report
     assert report.count("rewritten") == 1, report.table()
     assert len(report.end_to_end) == 2, report.notes
-    alt_q = fast._captured.alt_inputs.args[0]
-    assert alt_q.shape[1] == 6 and alt_q.shape[3] == 16 and alt_q.shape[2] != 40
+    alt_q, _, alt_v = fast._captured.alt_inputs.args
+    assert alt_q.shape[1] == 6 and alt_q.shape[3] == 16 and alt_v.shape[3] == 16
+    assert alt_q.shape[2] != 40  # the length still changes
     assert any("keep the example size" in n and "heads" in n for n in report.notes)
+    # The export keeps those dims static too (the lowering reads them as constants).
+    res = attnopt.export_onnx(fast, (q, k, v), tmp_path / "m.onnx")
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
 
 
 # One export per case (exports take seconds): every variant, both targets, with and without

@@ -20,7 +20,12 @@ def static_dim(x: Any, i: int) -> int | None:
         d = x.shape[i]
     except (TypeError, IndexError, AttributeError):
         return None
-    return d if isinstance(d, int) else None
+    if isinstance(d, int):
+        return d
+    # A dynamic dim the program pinned to a value (``torch._check(s == 6)``) arrives as a
+    # symbolic dim named by that value.
+    name = getattr(d, "value", None)
+    return int(name) if isinstance(name, str) and name.isdigit() else None
 
 
 def rank(x: Any) -> int | None:

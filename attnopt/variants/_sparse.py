@@ -616,16 +616,16 @@ def _const(array: np.ndarray) -> Any:
 
 
 def _static(x: Any, axis: int, what: str) -> int:
-    dim = x.shape[axis] if x.shape is not None else None
-    if not isinstance(dim, int):
+    dim = ox.static_dim(x, axis)
+    if dim is None:
+        got = x.shape[axis] if x.shape is not None else None
         raise ExportError(f"sparse attention export needs a static {what} (axis {axis}); got "
-                          f"{dim!r}: export with static head counts and sizes")
+                          f"{got!r}: export with static head counts and sizes")
     return dim
 
 
 def _static_or_none(x: Any, axis: int) -> int | None:
-    dim = x.shape[axis] if x.shape is not None else None
-    return dim if isinstance(dim, int) else None
+    return ox.static_dim(x, axis)
 
 
 def _length(x: Any, axis: int = 2) -> Any:

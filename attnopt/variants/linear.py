@@ -164,6 +164,14 @@ def linear_attention(
 def _(q, k, v, attn_mask, wq, bq, wk, bk, omega, is_causal, scale, feature_map, block):
     if attn_mask is not None:
         _check_mask_shape(attn_mask.shape, q.shape[1], k.shape[1])
+    # Per-head projections [H, D, m] and random features [D, F] fix these sizes: a dynamic head
+    # count or head dim becomes static when the rewritten graph is exported again.
+    for x, w in ((q, wq), (k, wk)):
+        if w is not None:
+            torch._check(x.shape[1] == w.shape[0])
+            torch._check(x.shape[3] == w.shape[1])
+    if omega is not None and wq is None:
+        torch._check(q.shape[3] == omega.shape[0])
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -438,15 +446,15 @@ class LinearImpl:
         return None
 
     def static_dims(self, config: Linear, site: AttentionSite) -> tuple[str, ...]:
-        """Dims the site's feature-map tensors are sized by (see ``passes/static_sizes``).
+        """Dims that must keep their example size (see ``passes/static_sizes``).
 
-        Fitted or learned maps hold per-head projections ``[H, D, m]``; performer's random
-        features are ``[D, F]``; elu / relu / taylor without a fit hold nothing.
+        Fitted or learned maps hold per-head projections ``[H, D, m]``, performer's random
+        features are ``[D, F]``, and the ONNX lowering reads heads and head / value dims as
+        constants; with heads folded into the batch there is nothing to fix.
         """
-        per_head = site.heads is not None and (config.steps > 0 or config.feature_map == "learned")
-        if per_head:
-            return ("heads", "kv_heads", "head_dim")
-        return ("head_dim",) if config.feature_map == "performer" else ()
+        if site.heads is None:
+            return ("head_dim",) if config.feature_map == "performer" else ()
+        return ("heads", "kv_heads", "head_dim", "value_dim")
 
     def emit(self, config: Linear, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
         state = ops.state if isinstance(ops.state, FittedMaps) else None
@@ -556,10 +564,11 @@ def _buffer(graph: Graph, site: AttentionSite, key: str, tensor: torch.Tensor) -
 
 
 def _static(value: Any, axis: int, what: str) -> int:
-    dim = value.shape[axis] if value.shape is not None else None
-    if not isinstance(dim, int):
+    dim = ox.static_dim(value, axis)
+    if dim is None:
+        got = value.shape[axis] if value.shape is not None else None
         raise ExportError(f"linear attention export needs a static {what} (axis {axis}); got "
-                          f"{dim!r}: export with static head sizes")
+                          f"{got!r}: export with static head sizes")
     return dim
 
 
