@@ -6,6 +6,7 @@ fast = attnopt.optimize(model, example_inputs)      # exact: every attention fus
 print(fast.report)
 """
 
+from attnopt import serving  # noqa: F401 - attnopt.serving.write_triton_repository(...)
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
 from attnopt.errors import (
@@ -13,6 +14,7 @@ from attnopt.errors import (
     CaptureError,
     ConfigError,
     ExportError,
+    ServingError,
     ValidationError,
     VariantNotApplicableError,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "Neighborhood2D",
     "OptimizedModel",
     "Report",
+    "ServingError",
     "SiteResult",
     "SlidingWindow",
     "Streaming",
