@@ -8,6 +8,7 @@ ids and padding masks stay 0/1 patterns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,19 @@ def normalize(example_inputs: Any) -> Inputs:
     )
 
 
+@dataclass
+class Resized:
+    """Inputs of another size chosen for verification, and what the choice left out.
+
+    Attributes:
+        inputs: the resized inputs (None when no dimension could take another value).
+        note: why some dynamic dimensions kept their example size (None when all changed).
+    """
+
+    inputs: Inputs | None
+    note: str | None = None
+
+
 def resized(inputs: Inputs, symbolic_shapes: list[tuple | None], ranges: dict) -> Inputs | None:
     """Inputs whose dynamic dimensions take new values (None when nothing is dynamic).
 
@@ -71,35 +85,98 @@ def resized(inputs: Inputs, symbolic_shapes: list[tuple | None], ranges: dict) -
             entries are ints or SymInts; None for non-tensor leaves.
         ranges: ``ExportedProgram.range_constraints`` (sympy symbol → value range).
     """
+    return choose_resized(inputs, symbolic_shapes, ranges).inputs
+
+
+def choose_resized(inputs: Inputs, symbolic_shapes: list[tuple | None], ranges: dict, *,
+                   accept: Callable[[list[Any]], str | None] | None = None,
+                   keep: dict | None = None) -> Resized:
+    """Like :func:`resized`, choosing sizes that ``accept`` (the captured program's guards) takes.
+
+    Every dynamic dimension changes when some tried sizes pass; otherwise only the batch-like
+    symbols (dim 0 of an input), then one symbol at a time, and the note says which stayed.
+
+    Args:
+        inputs, symbolic_shapes, ranges: as for :func:`resized`.
+        accept: called with flat leaves whose tensors are ``meta`` tensors of the candidate
+            shapes; returns None to accept, or the reason the sizes are rejected.
+        keep: symbols that must keep their example value, mapped to why (e.g. a fitted
+            per-head state fixes the head count).
+    """
+    keep = keep or {}
     leaves, spec = pytree.tree_flatten((inputs.args, inputs.kwargs))
-    new_values = _new_symbol_values(leaves, symbolic_shapes, ranges)
-    if not new_values:
-        return None
-    out = []
-    for leaf, sshape in zip(leaves, symbolic_shapes):
-        if not isinstance(leaf, torch.Tensor) or sshape is None:
-            out.append(leaf)
+    examples, where = _example_values(leaves, symbolic_shapes, _leaf_names(inputs))
+    free = [s for s in examples if s not in keep]
+    kept_note = _kept_note(keep, where)
+    if not free:
+        return Resized(None, kept_note)
+    options = {s: _candidate_values(examples[s], ranges.get(s)) for s in free}
+    options = {s: c for s, c in options.items() if c}
+    if not options:
+        return Resized(None, kept_note)
+    batch_like = [s for s in options if any(d == 0 for _, d in where[s])]
+    rejected: list[str] = []
+
+    def shapes_if_accepted(values: dict) -> list | None:
+        shapes = _shapes(leaves, symbolic_shapes, {**examples, **values})
+        if shapes is None:
+            return None
+        why = accept(_meta_leaves(leaves, shapes)) if accept is not None else None
+        if why is not None:
+            rejected.append(why)
+            return None
+        return shapes
+
+    preferred = {s: c[0] for s, c in options.items()}
+    if shapes_if_accepted(preferred) is not None:
+        return _build(leaves, symbolic_shapes, spec, {**examples, **preferred}, kept_note)
+    # Each symbol's first accepted value when it alone changes.
+    alone = {}
+    for sym, cands in options.items():
+        alone[sym] = next((c for c in cands if shapes_if_accepted({sym: c}) is not None), None)
+    tries = [{s: c for s, c in alone.items() if c is not None}]
+    tries += [{s: c[min(i, len(c) - 1)] for s, c in options.items()}
+              for i in range(1, max(len(c) for c in options.values()))]
+    tries += [{s: alone[s] for s in batch_like if alone[s] is not None}]
+    tries += [{s: c} for s, c in alone.items() if c is not None]
+    for values in tries:
+        shapes = shapes_if_accepted(values) if values else None
+        if shapes is None:
             continue
-        t = leaf
-        for d, s in enumerate(sshape):
-            if isinstance(s, int):
-                continue
-            expr = s.node.expr.subs(new_values)
-            if not expr.is_number:
-                return None
-            n = int(expr)
-            if n != t.shape[d]:
-                idx = torch.arange(n, device=t.device) % t.shape[d]
-                t = t.index_select(d, idx)
-        out.append(t.contiguous())
+        stayed = [s for s in options if s not in values]
+        first_rejection = rejected[0] if rejected else None
+        note = "; ".join(filter(None, [kept_note, _stayed_note(stayed, where, first_rejection)]))
+        return _build(leaves, symbolic_shapes, spec, {**examples, **values}, note or None)
+    why = f" ({rejected[0]})" if rejected else ""
+    note = (f"no other input size that was tried passes the captured program's guards{why}: "
+            "verified on the example inputs only")
+    return Resized(None, "; ".join(filter(None, [kept_note, note])))
+
+
+def _build(leaves, symbolic_shapes, spec, values: dict, note: str | None) -> Resized:
+    shapes = _shapes(leaves, symbolic_shapes, values)
+    out = [_tile(leaf, shp) for leaf, shp in zip(leaves, shapes)]
     args, kwargs = pytree.tree_unflatten(out, spec)
-    return Inputs(args=tuple(args), kwargs=dict(kwargs))
+    return Resized(Inputs(args=tuple(args), kwargs=dict(kwargs)), note)
 
 
-def _new_symbol_values(leaves, symbolic_shapes, ranges) -> dict:
-    """Pick a new value for every free symbol, inside its range."""
+def _leaf_names(inputs: Inputs) -> list[str]:
+    """A readable name per flat leaf: the keyword, or ``input <i>`` for positional ones."""
+    paths, _ = pytree.tree_flatten_with_path((inputs.args, inputs.kwargs))
+    names = []
+    for path, _leaf in paths:
+        head, *rest = path[1:] if path else ((),)
+        base = (f"input {head.idx}" if isinstance(head, pytree.SequenceKey)
+                else str(getattr(head, "key", head)))
+        names.append(base + (pytree.keystr(tuple(rest)) if rest else ""))
+    return names
+
+
+def _example_values(leaves, symbolic_shapes, names) -> tuple[dict, dict]:
+    """Each free symbol's example value, and where it appears as ``[(input name, dim)]``."""
     examples: dict = {}
-    for leaf, sshape in zip(leaves, symbolic_shapes):
+    where: dict = {}
+    for leaf, sshape, name in zip(leaves, symbolic_shapes, names):
         if not isinstance(leaf, torch.Tensor) or sshape is None:
             continue
         for d, s in enumerate(sshape):
@@ -108,6 +185,7 @@ def _new_symbol_values(leaves, symbolic_shapes, ranges) -> dict:
             expr = s.node.expr
             if expr.is_Symbol:
                 examples.setdefault(expr, int(leaf.shape[d]))
+                where.setdefault(expr, []).append((name, d))
             elif len(expr.free_symbols) == 1:
                 sym = next(iter(expr.free_symbols))
                 if sym not in examples:
@@ -116,19 +194,81 @@ def _new_symbol_values(leaves, symbolic_shapes, ranges) -> dict:
                     sol = sympy.solve(expr - int(leaf.shape[d]), sym)
                     if len(sol) == 1 and sol[0].is_integer:
                         examples[sym] = int(sol[0])
-    new = {}
-    for sym, v in examples.items():
-        vr = ranges.get(sym)
-        lo = _bound(vr.lower if vr is not None else None, 0)
-        hi = _bound(vr.upper if vr is not None else None, 1 << 30)
-        # Small sizes (batch, heads) double, which keeps ratios between them (GQA groups);
-        # lengths grow by an odd amount, so they are no multiple of a block size.
-        first = 2 * v if v <= 8 else v + 3
-        for cand in (first, v + 1, v - 1, lo):
-            if lo <= cand <= hi and cand != v:
-                new[sym] = cand
-                break
-    return new
+                        where.setdefault(sym, []).append((name, d))
+    return examples, where
+
+
+def _candidate_values(v: int, vr) -> list[int]:
+    """New values for a symbol whose example value is ``v``, best first, inside its range.
+
+    Small sizes (batch, heads) double first, which keeps ratios between them (GQA groups);
+    lengths first grow by an odd amount, so they are no multiple of a block size; the even and
+    larger steps after them suit code that pads or windows (Swin needs even image sizes).
+    """
+    lo = _bound(vr.lower if vr is not None else None, 0)
+    hi = _bound(vr.upper if vr is not None else None, 1 << 30)
+    first = [2 * v, v + 1] if v <= 8 else [v + 3, v + 1]
+    seq = [*first, v + 2, v + 4, v + 8, v + v // 2, 2 * v, v - 1, v - 2, v - 4, lo]
+    out: list[int] = []
+    for c in seq:
+        if lo <= c <= hi and c != v and c > 0 and c not in out:
+            out.append(c)
+    return out
+
+
+def _shapes(leaves, symbolic_shapes, values: dict) -> list[tuple | None] | None:
+    """Each tensor leaf's shape under ``values`` (None for other leaves); None if undefined."""
+    out: list[tuple | None] = []
+    for leaf, sshape in zip(leaves, symbolic_shapes):
+        if not isinstance(leaf, torch.Tensor) or sshape is None:
+            out.append(None)
+            continue
+        dims = []
+        for d, s in enumerate(sshape):
+            if isinstance(s, int):
+                dims.append(int(leaf.shape[d]))
+                continue
+            expr = s.node.expr.subs(values)
+            if not expr.is_number or int(expr) <= 0:
+                return None
+            dims.append(int(expr))
+        out.append(tuple(dims))
+    return out
+
+
+def _meta_leaves(leaves, shapes) -> list[Any]:
+    return [torch.empty(shp, dtype=leaf.dtype, device="meta") if shp is not None else leaf
+            for leaf, shp in zip(leaves, shapes)]
+
+
+def _tile(leaf: Any, shp: tuple | None) -> Any:
+    """``leaf`` tiled or cropped to ``shp`` (token ids stay ids, padding masks stay 0/1)."""
+    if shp is None:
+        return leaf
+    t = leaf
+    for d, n in enumerate(shp):
+        if n != t.shape[d]:
+            t = t.index_select(d, torch.arange(n, device=t.device) % t.shape[d])
+    return t.contiguous()
+
+
+def _dims_text(syms, where) -> str:
+    return ", ".join(f"{name} dim {d}" for s in syms for name, d in where.get(s, [])[:1])
+
+
+def _kept_note(keep: dict, where: dict) -> str | None:
+    if not keep:
+        return None
+    parts = [f"{_dims_text([s], where)} ({why})" for s, why in keep.items() if s in where]
+    return ("resized inputs keep the example size of " + "; ".join(parts)) if parts else None
+
+
+def _stayed_note(stayed, where, rejected: str | None) -> str | None:
+    if not stayed:
+        return None
+    why = f": {rejected}" if rejected else ""
+    return (f"resized inputs keep the example size of {_dims_text(stayed, where)} (no other "
+            f"size tried for it passes the captured program's guards{why})")
 
 
 def _bound(value, default: int) -> int:

@@ -13,10 +13,11 @@ from torch.export import ExportedProgram
 from attnopt._inputs import Inputs, normalize
 from attnopt._match.evaluate import Evaluator
 from attnopt._match.matcher import Matcher
-from attnopt.capture import Captured, capture, eval_mode, reexport
+from attnopt.capture import Captured, capture, eval_mode, reexport, run_rewritten
 from attnopt.config import Config
 from attnopt.errors import CaptureError, ConfigError
 from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_operands_module
+from attnopt.passes.static_sizes import static_symbols
 from attnopt.report import (
     FUSED,
     LEFT_EXACT,
@@ -226,6 +227,7 @@ def _plan_and_check(captured: Captured, sites: list[AttentionSite], config: Conf
         candidates.append((site, variant))
     if not candidates:
         return []
+    captured.keep_static(static_symbols(candidates))
     states = _fit(captured, candidates, config, report)
     checks = {site.index: site_check_module(site, v, states.get(site.index))
               for site, v in candidates}
@@ -305,6 +307,8 @@ def _verify_end_to_end(model: torch.nn.Module, captured: Captured, report: Repor
     """Compare the rewritten graph with the original model on every input set."""
     names = ["example inputs", "resized inputs"]
     all_exact = report.count(REWRITTEN) == 0
+    if captured.resize_note:
+        report.notes.append(captured.resize_note)
     with eval_mode(model), torch.no_grad():
         for name, inputs in zip(names, captured.input_sets()):
             try:
@@ -313,7 +317,16 @@ def _verify_end_to_end(model: torch.nn.Module, captured: Captured, report: Repor
                 report.notes.append(f"not verified on {name} {inputs.describe()}: the original "
                                     f"model itself fails on them ({type(e).__name__})")
                 continue
-            out = inputs.call(captured.gm)
+            run = run_rewritten(captured, inputs)
+            if run.failure is not None:
+                if run.rewrite_at_fault:
+                    _revert_all(captured, report, f"{run.failure} on {name}")
+                    return
+                report.notes.append(f"not verified on {name} {inputs.describe()}: "
+                                    f"{run.failure}")
+                captured.drop_alt_inputs(run.failure)
+                continue
+            out = run.output
             err = compare(ref, out)
             report.end_to_end[f"{name} {inputs.describe()}"] = err
             if all_exact and err.rel > tol:

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 
-from attnopt._inputs import Inputs, resized
+from attnopt._inputs import Inputs, Resized, choose_resized
 from attnopt.errors import CaptureError, ConfigError
 
 log = logging.getLogger("attnopt.capture")
@@ -48,6 +48,9 @@ class Captured:
     dynamic_shapes: object
     injected: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    resize_note: str | None = None
+    _kept: dict = field(default_factory=dict, repr=False)
+    _shapes: list = field(default_factory=list, repr=False)
 
     def input_sets(self) -> list[Inputs]:
         """The example inputs, then the alternate-size inputs when there are any."""
@@ -56,6 +59,23 @@ class Captured:
     def flat(self, inputs: Inputs) -> list:
         """Flat leaves of ``inputs`` in the graph's placeholder order."""
         return inputs.flat(self.program.call_spec.in_spec)
+
+    def keep_static(self, symbols: dict) -> None:
+        """Choose the alternate-size inputs again, keeping ``symbols`` (sympy symbol → why) at
+        their example values: a rewrite whose state fixes a size (per-head parameters fix the
+        head count) is verified on inputs it can take.
+        """
+        new = {s: why for s, why in symbols.items() if s not in self._kept}
+        if not new:
+            return
+        self._kept.update(new)
+        chosen = _resize(self.program, self.gm, self.inputs, self._kept)
+        self.alt_inputs, self.resize_note = chosen.inputs, chosen.note
+
+    def drop_alt_inputs(self, why: str) -> None:
+        """Forget the alternate-size inputs (later checks, e.g. ONNX parity, skip them)."""
+        self.alt_inputs = None
+        self.resize_note = why
 
 
 def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> Captured:
@@ -94,7 +114,7 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> 
         )
     # resized() works on pytree order of (args, kwargs); reorder kwargs like the graph first.
     ordered = Inputs(inputs.args, _ordered_kwargs(inputs.kwargs, program))
-    alt = resized(ordered, shapes, program.range_constraints)
+    chosen = _resize(program, gm, ordered)
     is_dynamic = any(s is not None and any(not isinstance(d, int) for d in s) for s in shapes)
     if spec is not None and not is_dynamic:
         notes.append("every input dimension was specialised: the graph is valid for the example "
@@ -104,7 +124,75 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> 
                      "pass batch >= 2 for a dynamic batch")
     log.info("captured %s: %d graph nodes, %s", type(model).__name__, len(gm.graph.nodes),
              "dynamic" if is_dynamic else "static")
-    return Captured(program, gm, ordered, alt, is_dynamic, spec, injected, notes)
+    return Captured(program, gm, ordered, chosen.inputs, is_dynamic, spec, injected, notes,
+                    chosen.note, _shapes=shapes)
+
+
+@dataclass
+class GraphRun:
+    """The outcome of calling the rewritten graph on some inputs.
+
+    Attributes:
+        output: what it returned (None on failure).
+        failure: why it failed (None when it ran).
+        rewrite_at_fault: the original captured graph runs on the same inputs, so the rewrite
+            broke it; False when the captured graph itself rejects them (its guards).
+    """
+
+    output: object = None
+    failure: str | None = None
+    rewrite_at_fault: bool = False
+
+
+def run_rewritten(captured: Captured, inputs: Inputs,
+                  gm: torch.fx.GraphModule | None = None) -> GraphRun:
+    """Call the rewritten graph (``gm``, default ``captured.gm``) on ``inputs`` without grad; a
+    failure is a result, never an exception.
+
+    torch.export's guards raise a bare ``AssertionError("Guard failed: ...")``; a fitted state
+    of the wrong size raises a RuntimeError. Either becomes ``failure``, and the original
+    captured graph tells whose fault it is.
+    """
+    with torch.no_grad():
+        try:
+            return GraphRun(output=inputs.call(captured.gm if gm is None else gm))
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            err = _first_line(e)
+        try:
+            captured.program.module()(*inputs.args, **inputs.kwargs)
+        except Exception as e:  # noqa: BLE001
+            return GraphRun(failure=f"the captured graph rejects these sizes ({_first_line(e)})")
+    return GraphRun(failure=f"the rewritten graph fails ({err})", rewrite_at_fault=True)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _resize(program: ExportedProgram, gm: torch.fx.GraphModule, inputs: Inputs,
+            keep: dict | None = None) -> Resized:
+    """Inputs of another batch size / length that the captured program's guards accept.
+
+    torch.export records what its trace assumed about dynamic sizes (Swin: image sides even)
+    as guards, checked by the unlifted module's ``_guards_fn`` on every call; candidate sizes
+    are checked there on ``meta`` tensors before any real input is built.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes = [tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
+              for n in placeholders]
+    guards = getattr(gm, "_guards_fn", None)
+
+    def accept(flat: list) -> str | None:
+        if guards is None:
+            return None
+        try:
+            guards(*flat)
+        except Exception as e:  # noqa: BLE001 - AssertionError("Guard failed: ...") and kin
+            return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return None
+
+    return choose_resized(inputs, shapes, program.range_constraints, accept=accept, keep=keep)
 
 
 def _export(model, inputs: Inputs, spec) -> ExportedProgram:
@@ -113,10 +201,21 @@ def _export(model, inputs: Inputs, spec) -> ExportedProgram:
 
 
 def reexport(captured: Captured, gm: torch.fx.GraphModule) -> ExportedProgram:
-    """Export a rewritten graph module again (same inputs and dynamic spec)."""
+    """Export a rewritten graph module again (same inputs and dynamic spec).
+
+    Dims kept static for a rewrite's state (see :meth:`Captured.keep_static`) are exported
+    static: the rewritten graph is only valid at their example sizes.
+    """
     inputs = captured.inputs
-    return torch.export.export(gm, inputs.args, inputs.kwargs,
-                               dynamic_shapes=captured.dynamic_shapes, strict=False)
+    spec = captured.dynamic_shapes
+    if spec is not None and captured._kept:
+        static = {i: {d for d, s in enumerate(shp) if not isinstance(s, int)
+                      and s.node.expr.free_symbols & set(captured._kept)}
+                  for i, shp in enumerate(captured._shapes) if shp is not None}
+        names = list(spec)[:len(inputs.args)] if isinstance(spec, dict) and inputs.args else None
+        spec = _dynamic_shapes_spec(inputs, names, static)
+    return torch.export.export(gm, inputs.args, inputs.kwargs, dynamic_shapes=spec,
+                               strict=False)
 
 
 @contextmanager
@@ -151,10 +250,30 @@ def _with_hf_defaults(model: torch.nn.Module, inputs: Inputs) -> tuple[Inputs, d
 
 def _auto_dynamic_shapes(model: torch.nn.Module, inputs: Inputs):
     """Dim.AUTO for every dimension of every tensor input, in torch.export's spec structure."""
+    names = None
+    if inputs.args and inputs.kwargs:
+        # Mixed: torch.export wants a dict keyed by parameter names.
+        names = [n for n, p in inspect.signature(model.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(names) < len(inputs.args):
+            raise ConfigError("pass the example inputs either all positionally or all by "
+                              "keyword")
+    return _dynamic_shapes_spec(inputs, names, {})
+
+
+def _dynamic_shapes_spec(inputs: Inputs, names: list[str] | None, static: dict[int, set]):
+    """Dim.AUTO for every tensor dim except ``static[leaf index]`` (Dim.STATIC).
+
+    Leaves are numbered in the flat order of ``(inputs.args, inputs.kwargs)``; ``names`` are the
+    positional parameter names when args and kwargs are mixed.
+    """
+    counter = iter(range(1 << 30))
 
     def spec(x):
-        if isinstance(x, torch.Tensor):
-            return {d: Dim.AUTO for d in range(x.dim())} if x.dim() > 0 else None
+        i = next(counter)
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return {d: Dim.STATIC if d in static.get(i, ()) else Dim.AUTO
+                    for d in range(x.dim())}
         return None
 
     args = tuple(pytree.tree_map(spec, a) for a in inputs.args)
@@ -163,12 +282,7 @@ def _auto_dynamic_shapes(model: torch.nn.Module, inputs: Inputs):
         return args
     if not inputs.args:
         return kwargs
-    # Mixed: torch.export wants a dict keyed by parameter names.
-    names = [n for n, p in inspect.signature(model.forward).parameters.items()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) < len(args):
-        raise ConfigError("pass the example inputs either all positionally or all by keyword")
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names or [], args)), **kwargs}
 
 
 def _ordered_kwargs(kwargs: dict, program: ExportedProgram) -> dict:

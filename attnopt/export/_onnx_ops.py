@@ -20,7 +20,12 @@ def static_dim(x: Any, i: int) -> int | None:
         d = x.shape[i]
     except (TypeError, IndexError, AttributeError):
         return None
-    return d if isinstance(d, int) else None
+    if isinstance(d, int):
+        return d
+    # A dynamic dim the program pinned to a value (``torch._check(s == 6)``) arrives as a
+    # symbolic dim named by that value.
+    name = getattr(d, "value", None)
+    return int(name) if isinstance(name, str) and name.isdigit() else None
 
 
 def rank(x: Any) -> int | None:
@@ -101,3 +106,55 @@ def repeat_heads(x, rep: int):
         axis=0,
     )
     return op.Reshape(e, out_shape)
+
+
+def heads_in_batch(q, k, v, attn_mask) -> bool:
+    """True for the layout of attention written on 3-D ``[B·H, L, D]`` tensors.
+
+    That is q/k/v ``[1, B·H, L, D]`` with the same (dynamic) ``B·H``, and a mask (if any)
+    whose leading dim is 1.
+    """
+    if any(static_dim(x, 0) != 1 for x in (q, k, v)):
+        return False
+    try:
+        same = q.shape[1] == k.shape[1] == v.shape[1]
+    except (TypeError, IndexError, AttributeError):
+        return False
+    r = rank(attn_mask) if attn_mask is not None else 0
+    return bool(same) and r is not None and (r < 4 or static_dim(attn_mask, 0) == 1)
+
+
+def folded_heads(q, k, v, attn_mask) -> bool:
+    """Heads folded into a dynamic batch (``[1, B·H, L, D]``): no static head count to read."""
+    return static_dim(q, 1) is None and heads_in_batch(q, k, v, attn_mask)
+
+
+def swap_batch_heads(x):
+    """``[1, B·H, ...]`` ↔ ``[B·H, 1, ...]`` (4-D), keeping the known shape and dtype.
+
+    Lowerings read static sizes from their operands' shapes, which the exporter does not infer
+    for values built inside a translation; the permuted shape is set here.
+    """
+    out = op.Transpose(x, perm=[1, 0, 2, 3])
+    shape = getattr(x, "shape", None)
+    if shape is not None and len(shape) == 4 and getattr(out, "shape", None) is None:
+        import onnx_ir as ir
+
+        out.shape = ir.Shape([shape[1], shape[0], shape[2], shape[3]])
+    if getattr(out, "dtype", None) is None and getattr(x, "dtype", None) is not None:
+        out.dtype = x.dtype
+    return out
+
+
+def as_one_head_sequences(fn, q, k, v, attn_mask, *args, **kwargs):
+    """Run the lowering ``fn`` on ``[1, B·H, L, D]`` operands as ``B·H`` one-head sequences.
+
+    A lowering that needs a static head count (block-wise sparse and linear decompositions)
+    gets ``[B·H, 1, L, D]`` operands and a mask made 4-D and swapped the same way; its output
+    is swapped back.
+    """
+    if attn_mask is not None:
+        attn_mask = swap_batch_heads(to_rank4(attn_mask))
+    out = fn(swap_batch_heads(q), swap_batch_heads(k), swap_batch_heads(v), attn_mask,
+             *args, **kwargs)
+    return swap_batch_heads(out)

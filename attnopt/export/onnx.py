@@ -28,6 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from attnopt._inputs import Inputs
+from attnopt.capture import run_rewritten
 from attnopt.errors import ConfigError, ExportError, ValidationError
 from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
 from attnopt.verify import ErrorStats, compare, default_tolerance, model_dtype
@@ -444,8 +445,14 @@ def _validate(path: Path, fast, input_names: list[str], report: ExportReport,
     sets = fast._captured.input_sets() if dynamic else [fast.example_inputs]
     names = ["example inputs", "resized inputs"]
     for name, inputs in zip(names, sets):
-        with torch.no_grad():
-            ref = inputs.call(fast.graph_module)
+        run = run_rewritten(fast._captured, inputs, fast.graph_module)
+        if run.failure is not None:
+            if name == names[0]:
+                raise ExportError(f"the optimized graph fails on the example inputs: "
+                                  f"{run.failure}")
+            report.notes.append(f"not validated on {name} {inputs.describe()}: {run.failure}")
+            continue
+        ref = run.output
         ref_leaves = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
         try:
             outs = sess.run(None, _feed(input_names, inputs))

@@ -39,6 +39,7 @@ import torch
 from onnxscript import opset23 as op
 
 from attnopt.errors import ExportError
+from attnopt.export import _onnx_ops as ox
 
 if TYPE_CHECKING:
     from attnopt.sites import AttentionSite
@@ -615,16 +616,16 @@ def _const(array: np.ndarray) -> Any:
 
 
 def _static(x: Any, axis: int, what: str) -> int:
-    dim = x.shape[axis] if x.shape is not None else None
-    if not isinstance(dim, int):
+    dim = ox.static_dim(x, axis)
+    if dim is None:
+        got = x.shape[axis] if x.shape is not None else None
         raise ExportError(f"sparse attention export needs a static {what} (axis {axis}); got "
-                          f"{dim!r}: export with static head counts and sizes")
+                          f"{got!r}: export with static head counts and sizes")
     return dim
 
 
 def _static_or_none(x: Any, axis: int) -> int | None:
-    dim = x.shape[axis] if x.shape is not None else None
-    return dim if isinstance(dim, int) else None
+    return ox.static_dim(x, axis)
 
 
 def _length(x: Any, axis: int = 2) -> Any:
@@ -766,7 +767,11 @@ def onnx_band_attention(q: Any, k: Any, v: Any, attn_mask: Any, *, lo: int, hi: 
     Query blocks of ``b`` rows (``band_block``) read the ``b + lo + hi`` keys of their band,
     gathered as ``[B, H, nb, Kc, D]``; the sinks are one extra ``[B, H, 1, s, D]`` segment.
     Largest tensors: the band scores ``[B, H, nb, b, Kc]`` and the gathered keys / values.
+    Heads folded into the batch (``[1, B·H, L, D]``) run as ``B·H`` one-head sequences.
     """
+    if ox.folded_heads(q, k, v, attn_mask):
+        return ox.as_one_head_sequences(onnx_band_attention, q, k, v, attn_mask, lo=lo, hi=hi,
+                                        sinks=sinks, scale=scale)
     ops = onnx_operands(q, k, v, attn_mask, scale)
     block = band_block(lo + hi)
     width = round_up(block + lo + hi)

@@ -37,6 +37,7 @@ import torch
 from onnxscript import opset23 as op
 
 from attnopt.errors import ConfigError
+from attnopt.export import _onnx_ops as ox
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -391,8 +392,13 @@ def block_topk_onnx(q, k, v, attn_mask=None, block: int = 64, topk: int = 1,
     """Standard ops: gate, ``TopK``, ``GatherND`` of the key blocks, block-wise attention.
 
     Largest tensors: the gathered keys / values ``[B, H, nqb, (k+1)·block, D]`` and the scores
-    ``[B, H, nqb, block, (k+1)·block]``; the gate is ``[B, H, nqb, nkb]``.
+    ``[B, H, nqb, block, (k+1)·block]``; the gate is ``[B, H, nqb, nkb]``. Heads folded into
+    the batch (``[1, B·H, L, D]``) run as ``B·H`` one-head sequences.
     """
+    if ox.folded_heads(q, k, v, attn_mask):
+        return ox.as_one_head_sequences(block_topk_onnx, q, k, v, attn_mask, block=block,
+                                        topk=topk, causal=causal, own_block=own_block,
+                                        scale=scale)
     ops = _sparse.onnx_operands(q, k, v, attn_mask, scale)
     d, own = ops.dim, 1 if own_block else 0
     lq, lk = _sparse._length(ops.q), _sparse._length(ops.k)

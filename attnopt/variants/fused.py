@@ -188,7 +188,7 @@ def attention_ort(q, k, v, attn_mask, is_causal: bool, scale: float):
     from attnopt.export import _onnx_ops as ox
 
     heads, kv_heads, dv = ox.static_dim(q, 1), ox.static_dim(k, 1), ox.static_dim(v, 3)
-    if dv is not None and (heads is None or kv_heads is None) and _heads_in_batch(
+    if dv is not None and (heads is None or kv_heads is None) and ox.heads_in_batch(
             q, k, v, attn_mask):
         return _one_head_sequences(q, k, v, attn_mask, is_causal, scale)
     if heads is None or kv_heads is None or dv is None:
@@ -218,24 +218,6 @@ def _bias(attn_mask, q):
         return None, False
     expand = ox.needs_query_expand(attn_mask)
     return ox.to_rank4(ox.additive(attn_mask, q), ox.rank(attn_mask)), expand
-
-
-def _heads_in_batch(q, k, v, attn_mask) -> bool:
-    """True for the layout of attention written on 3-D ``[B·H, L, D]`` tensors.
-
-    That is q/k/v ``[1, B·H, L, D]`` with the same (dynamic) ``B·H``, and a mask (if any)
-    whose leading dim is 1.
-    """
-    from attnopt.export import _onnx_ops as ox
-
-    if any(ox.static_dim(x, 0) != 1 for x in (q, k, v)):
-        return False
-    try:
-        same = q.shape[1] == k.shape[1] == v.shape[1]
-    except (TypeError, IndexError, AttributeError):
-        return False
-    r = ox.rank(attn_mask) if attn_mask is not None else 0
-    return bool(same) and r is not None and (r < 4 or ox.static_dim(attn_mask, 0) == 1)
 
 
 def _one_head_sequences(q, k, v, attn_mask, is_causal: bool, scale: float):

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 from attnopt.errors import ConfigError, ExportError, VariantNotApplicableError
+from attnopt.export import _onnx_ops as ox
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _feature_maps as fm
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -191,6 +192,14 @@ def _tf32_matmuls(on: bool):
 def _(q, k, v, attn_mask, wq, bq, wk, bk, omega, is_causal, scale, feature_map, block):
     if attn_mask is not None:
         _check_mask_shape(attn_mask.shape, q.shape[1], k.shape[1])
+    # Per-head projections [H, D, m] and random features [D, F] fix these sizes: a dynamic head
+    # count or head dim becomes static when the rewritten graph is exported again.
+    for x, w in ((q, wq), (k, wk)):
+        if w is not None:
+            torch._check(x.shape[1] == w.shape[0])
+            torch._check(x.shape[3] == w.shape[1])
+    if omega is not None and wq is None:
+        torch._check(q.shape[3] == omega.shape[0])
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -465,6 +474,17 @@ class LinearImpl:
                         "projection (features=...) or choose another map")
         return None
 
+    def static_dims(self, config: Linear, site: AttentionSite) -> tuple[str, ...]:
+        """Dims that must keep their example size (see ``passes/static_sizes``).
+
+        Fitted or learned maps hold per-head projections ``[H, D, m]``, performer's random
+        features are ``[D, F]``, and the ONNX lowering reads heads and head / value dims as
+        constants; with heads folded into the batch there is nothing to fix.
+        """
+        if site.heads is None:
+            return ("head_dim",) if config.feature_map == "performer" else ()
+        return ("heads", "kv_heads", "head_dim", "value_dim")
+
     def emit(self, config: Linear, graph: Graph, ops: SiteOperands, site: AttentionSite) -> Node:
         state = ops.state if isinstance(ops.state, FittedMaps) else None
         if config.feature_map == "learned" and state is None:
@@ -573,10 +593,11 @@ def _buffer(graph: Graph, site: AttentionSite, key: str, tensor: torch.Tensor) -
 
 
 def _static(value: Any, axis: int, what: str) -> int:
-    dim = value.shape[axis] if value.shape is not None else None
-    if not isinstance(dim, int):
+    dim = ox.static_dim(value, axis)
+    if dim is None:
+        got = value.shape[axis] if value.shape is not None else None
         raise ExportError(f"linear attention export needs a static {what} (axis {axis}); got "
-                          f"{dim!r}: export with static head sizes")
+                          f"{got!r}: export with static head sizes")
     return dim
 
 
@@ -673,8 +694,13 @@ def linear_attention_onnx(q, k, v, attn_mask=None, wq=None, bq=None, wk=None, bk
     ``block``, ``Reshape`` into blocks, masked intra-block ``MatMul``, inter-block state from an
     exclusive ``CumSum`` over the block states, ``Slice`` back. ``com.microsoft`` has no fitting
     contrib op (its ``LinearAttention`` has no feature map nor normaliser), so the ONNX Runtime
-    target uses the same decomposition.
+    target uses the same decomposition. Heads folded into the batch (``[1, B·H, L, D]``, no
+    per-head projections) run as ``B·H`` one-head sequences.
     """
+    if wq is None and wk is None and ox.folded_heads(q, k, v, attn_mask):
+        return ox.as_one_head_sequences(
+            linear_attention_onnx, q, k, v, attn_mask, omega=omega, is_causal=is_causal,
+            scale=scale, feature_map=feature_map, block=block)
     h, d = _static(q, 1, "head count"), _static(q, 3, "head dim")
     hkv, dv = _static(k, 1, "kv head count"), _static(v, 3, "value dim")
     g, e = h // hkv, dv + 1
