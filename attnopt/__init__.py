@@ -55,3 +55,9 @@ __all__ = [
     "find_attention",
     "optimize",
 ]
+
+
+def __dir__() -> list[str]:
+    # Submodules (attnopt.api, attnopt.capture, ...) are importable for advanced use but are
+    # not the public API: dir(attnopt) lists the public names only.
+    return sorted(__all__ + ["__version__"])

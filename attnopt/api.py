@@ -14,7 +14,7 @@ from attnopt._inputs import Inputs, normalize
 from attnopt._match.evaluate import Evaluator
 from attnopt._match.matcher import Matcher
 from attnopt.capture import Captured, capture, eval_mode, reexport
-from attnopt.config import Config
+from attnopt.config import Config, check_overrides
 from attnopt.errors import ConfigError
 from attnopt.passes.rewrite_sites import rewrite_sites, site_check_module, site_operands_module
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
@@ -122,6 +122,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         captured = capture(model, inputs, dynamic=config.dynamic)
     with _timed(timings, "find"):
         sites, rejected = _find(captured)
+    check_overrides(config, [s.location for s in sites])
     tol = config.tolerance or default_tolerance(model_dtype(model))
     report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
                     notes=list(captured.notes), timings=timings)

