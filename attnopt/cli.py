@@ -331,9 +331,12 @@ def _step(msg: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("attnopt")
+    for h in [h for h in log.handlers if getattr(h, "_attnopt_cli", False)]:
+        log.removeHandler(h)  # main() called again in one process (tests)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[attnopt] %(message)s"))
-    log = logging.getLogger("attnopt")
+    handler._attnopt_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
