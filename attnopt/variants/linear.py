@@ -470,6 +470,12 @@ class LinearImpl:
             linear += lq * min(config.block, lk) * (fdim + dv + 1) / 2
         return float(min(1.0, linear / dense))
 
+    def wants_fit(self, config: Linear, calibration_given: bool) -> bool:
+        """Fixed maps (elu, relu, performer, taylor) work unfitted: they fit a projection only
+        when calibration data is given; ``learned`` always fits (on the example inputs when
+        there is no calibration data, which the report notes)."""
+        return calibration_given or config.feature_map == "learned"
+
     def fit(self, config: Linear, site: AttentionSite, samples: list[dict[str, Any]]
             ) -> FittedMaps | None:
         """Fit per-head projections (attention transfer) on ``samples``.
