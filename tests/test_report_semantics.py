@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from zoo import E, L, BoolMaskedFill, MulScale
+from zoo import BoolMaskedFill, E, L, MulScale
 
 import attnopt
 from attnopt.report import FUSED, REWRITTEN

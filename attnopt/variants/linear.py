@@ -473,7 +473,8 @@ class LinearImpl:
     def wants_fit(self, config: Linear, calibration_given: bool) -> bool:
         """Fixed maps (elu, relu, performer, taylor) work unfitted: they fit a projection only
         when calibration data is given; ``learned`` always fits (on the example inputs when
-        there is no calibration data, which the report notes)."""
+        there is no calibration data, which the report notes).
+        """
         return calibration_given or config.feature_map == "learned"
 
     def fit(self, config: Linear, site: AttentionSite, samples: list[dict[str, Any]]
