@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnxscript import opset23 as op
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from attnopt.errors import ConfigError
+from attnopt.export._onnx_ops import const as _const
+from attnopt.export._onnx_ops import ints as _ints
+from attnopt.export._onnx_ops import op
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -603,11 +604,3 @@ def _onnx_tile_mask(ops: _sparse.OnnxOperands, qslots: np.ndarray, key: np.ndarr
     if lkm == 1:
         return rows_m
     return _sparse._onnx_gather_cols(rows_m, _const(key))
-
-
-def _ints(*values: int):
-    return op.Constant(value_ints=list(values))
-
-
-def _const(array: np.ndarray):
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
