@@ -12,7 +12,8 @@ Shapes: batch 1, 12 heads, head dim 64, fp32, N = 4k, 16k, 32k tokens.
     ONNX ``Attention`` materialises the N×N scores (12·N²·4 bytes: 12.9 GB at 16k); it is
     skipped where that does not fit in the available memory.
 
-Timings are medians of ``--reps`` runs after a warm-up; ratios are taken within this run (the
+Timings (``_common.time_rounds``) are medians of ``--reps`` CPU-time runs after an untimed first
+call and a warm-up (dense attention at 16k / 32k included); ratios are taken within this run (the
 machines are shared and noisy). The script re-executes itself with the allocator settings of
 ``research/platform.md`` (``MALLOC_MMAP_THRESHOLD_=4G MALLOC_TRIM_THRESHOLD_=1e11
 MALLOC_TOP_PAD_=1G``) unless ``--no-malloc-env``; threads: ``--threads`` (default 1) for torch
@@ -59,29 +60,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 from attnopt.variants import linear as lin  # noqa: E402
 from attnopt.variants._feature_maps import FEATURE_MAPS  # noqa: E402
 
 
-def median_time(fn, reps: int, warmup: int = 1, long_s: float = 8.0) -> tuple[float, float]:
-    """Median (wall seconds, CPU seconds) of ``fn()`` over ``reps`` runs after ``warmup`` runs.
+def median_time(fn, reps: int, long_s: float = 30.0) -> tuple[float, float]:
+    """Median (wall seconds, CPU seconds) of ``fn()`` over ``reps`` timed runs.
 
+    :func:`_common.time_rounds` with one callable: an untimed first call, a warm-up call unless
+    the first one took more than ``long_s`` seconds (it was the warm-up then), ``reps`` timed
+    calls. Dense attention at 16k / 32k is timed like everything else (before: once, cold).
     CPU time (``time.process_time``) is what the speedups use: with one thread it is the work
-    done, and unlike wall time it does not grow when other processes share the cores. A warm-up
-    run longer than ``long_s`` wall seconds is taken as the measurement (one run).
+    done, and unlike wall time it does not grow when other processes share the cores.
     """
-    for _ in range(warmup):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if time.perf_counter() - w0 > long_s:
-            return time.perf_counter() - w0, time.process_time() - c0
-    walls, cpus = [], []
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    res = _common.time_rounds({"fn": fn}, min_reps=reps, max_reps=reps, long_round_s=long_s)
+    return (statistics.median(res["wall_s"]["fn"]), statistics.median(res["cpu_s"]["fn"]))
 
 
 def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,10 +107,10 @@ def bench_torch(sizes: list[int], maps: list[str], reps: int, dense_32k: str, bl
         for causal in (False, True):
             dense = None
             if n <= 16384 or dense_32k == "once":
-                r = reps if n <= 4096 else 1
+                r = reps if n <= 16384 else max(2, reps - 1)
                 def sdpa(q=q, k=k, v=v, causal=causal):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                wall, dense = median_time(sdpa, r, warmup=1 if n <= 4096 else 0)
+                wall, dense = median_time(sdpa, r)
                 _emit(rows, {"impl": "torch", "op": "dense SDPA", "n": n, "causal": causal,
                              "ms": dense * 1e3, "wall_ms": wall * 1e3, "reps": r}, save)
             for name in maps:
