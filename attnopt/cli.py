@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except AttnoptError as e:
         print(f"attnopt: error: {e}", file=sys.stderr)
         if isinstance(e, CaptureError) and not args.verbose:
-            print("  (attnopt -v ... shows torch's own output)", file=sys.stderr)
+            print("  (-v shows torch's own output)", file=sys.stderr)
         return 2
 
 
@@ -90,6 +90,8 @@ def _add_common(sp: argparse.ArgumentParser) -> None:
                     help="capture with static shapes (by default batch and sequence stay dynamic)")
     sp.add_argument("--json", metavar="PATH",
                     help="also write the report as JSON, e.g. --json report.json")
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="debug logging: per-site reasons and torch's / onnxscript's own output")
 
 
 def _add_rewriting(sp: argparse.ArgumentParser) -> None:
