@@ -6,6 +6,7 @@ fast = attnopt.optimize(model, example_inputs)      # exact: every attention fus
 print(fast.report)
 """
 
+from attnopt import serving  # noqa: F401 - attnopt.serving.write_triton_repository(...)
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
 from attnopt.errors import (
@@ -13,6 +14,7 @@ from attnopt.errors import (
     CaptureError,
     ConfigError,
     ExportError,
+    ServingError,
     ValidationError,
     VariantNotApplicableError,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "Neighborhood2D",
     "OptimizedModel",
     "Report",
+    "ServingError",
     "SiteResult",
     "SlidingWindow",
     "Streaming",
@@ -57,7 +60,11 @@ __all__ = [
 ]
 
 
+# Public subpackages reached as attributes (attnopt.serving.write_triton_repository).
+_PUBLIC_MODULES = ["serving"]
+
+
 def __dir__() -> list[str]:
-    # Submodules (attnopt.api, attnopt.capture, ...) are importable for advanced use but are
-    # not the public API: dir(attnopt) lists the public names only.
-    return sorted(__all__ + ["__version__"])
+    # Other submodules (attnopt.api, attnopt.capture, ...) are importable for advanced use but
+    # are not the public API: dir(attnopt) lists the public names only.
+    return sorted(__all__ + _PUBLIC_MODULES + ["__version__"])

@@ -140,11 +140,26 @@ def _add_export(sub) -> None:
                          "(default onnxruntime), e.g. --target onnx")
     sp.add_argument("--no-fuse", action="store_true",
                     help="skip the standard non-attention fusions (layer norm, GELU)")
+    _triton_options(sp)
     sp.set_defaults(func=_export)
 
 
+def _add_serve(sub) -> None:
+    sp = _subparser(sub, "serve", "start a local Triton server (127.0.0.1) on a model "
+                                  "repository or an .onnx file",
+                    "attnopt serve repo/ --port 8000 --for 60")
+    sp.add_argument("model", help="a Triton model repository (attnopt export --triton) or .onnx")
+    sp.add_argument("--port", type=int, default=None,
+                    help="HTTP port (default: a free one), e.g. --port 8000")
+    sp.add_argument("--grpc-port", type=int, default=None,
+                    help="gRPC port (default: a free one), e.g. --grpc-port 8001")
+    sp.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
+                    help="stop after SECONDS (default: run until Ctrl-C), e.g. --for 60")
+    sp.set_defaults(func=_serve)
+
+
 # New subcommands add an ``_add_<name>(sub)`` function here.
-SUBCOMMANDS = [_add_inspect, _add_optimize, _add_export]
+SUBCOMMANDS = [_add_inspect, _add_optimize, _add_export, _add_serve]
 
 
 def _positive_int(text: str) -> int:
@@ -161,6 +176,25 @@ def _version() -> str:
     from attnopt import __version__
 
     return __version__
+
+
+def _triton_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--triton", metavar="REPO", help="also write a Triton model repository "
+                                                     "entry REPO/<name>/ (config.pbtxt + 1/), "
+                                                     "e.g. --triton repo/")
+    sp.add_argument("--triton-name", metavar="NAME", help="model name in REPO (default: from "
+                                                          "the spec), e.g. --triton-name bert")
+    sp.add_argument("--triton-backend", default="onnxruntime", choices=["onnxruntime", "python"],
+                    help="onnxruntime: platform onnxruntime_onnx (NVIDIA's Triton container); "
+                         "python: onnxruntime in Triton's Python backend (pip tritonserver)")
+    sp.add_argument("--max-batch-size", type=int, default=8,
+                    help="Triton max_batch_size; dynamic batching on when > 0 (default 8), "
+                         "e.g. --max-batch-size 16")
+    sp.add_argument("--instances", type=int, default=1,
+                    help="Triton model instances (default 1), e.g. --instances 2")
+    sp.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="Triton instance kind: KIND_CPU or KIND_GPU (default cpu)")
+    sp.add_argument("--overwrite", action="store_true", help="replace REPO/<name> if present")
 
 
 def _load(args):
@@ -228,6 +262,8 @@ def _export(args) -> int:
 
     extra = write_hf_files(built.model, built.tokenizer, path.parent)
     print(f"wrote {res.path}" + (f" (and {', '.join(extra)})" if extra else ""))
+    if getattr(args, "triton", None):
+        _write_triton(args, res, _model_name(args.spec))
     if args.json:
         data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=2))
@@ -247,8 +283,11 @@ def _onnx_path(out: str, spec: str, target: str) -> Path:
         raise ConfigError(f"-o {out}: exists and is not a directory; pass a .onnx file name "
                           "or a directory")
     p.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.split(":", 1)[-1]).strip("._") or "model"
-    return p / f"{name}.{target}.onnx"
+    return p / f"{_model_name(spec)}.{target}.onnx"
+
+
+def _model_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.split(":", 1)[-1]).strip("._") or "model"
 
 
 def _check_output(path: str | None, option: str) -> None:
@@ -277,6 +316,43 @@ def _saver(path: str | None):
         raise ConfigError("--save needs attnopt.save, which this version of attnopt lacks")
     _check_output(path, "--save")
     return attnopt.save
+
+
+def _write_triton(args, res, name: str) -> None:
+    from attnopt.serving import write_triton_repository
+
+    model_name = args.triton_name or re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+    _step(f"writing Triton model {model_name!r} into {args.triton} "
+          f"(backend {args.triton_backend}) and validating its config against Triton's schema")
+    m = write_triton_repository(res, args.triton, model_name, backend=args.triton_backend,
+                                max_batch_size=args.max_batch_size, instances=args.instances,
+                                device=args.device, overwrite=args.overwrite)
+    print(f"wrote {m.model_dir}/ (config.pbtxt, 1/); serve it locally with: "
+          f"attnopt serve {args.triton}")
+
+
+def _serve(args) -> int:
+    from attnopt.serving import start_server
+
+    _step(f"starting tritonserver (.venv-serve) on {args.model}")
+    server = start_server(args.model, http_port=args.port, grpc_port=args.grpc_port)
+    try:
+        print(f"serving {', '.join(server.models)} at {server.url} (HTTP) and "
+              f"{server.grpc_url} (gRPC); try: curl {server.url}/v2/models/"
+              f"{server.models[0]}", flush=True)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while server.alive() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        if not server.alive():
+            print(f"attnopt: error: tritonserver exited:\n{server.logs()[-2000:]}",
+                  file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        _step("tritonserver stopped")
+    return 0
 
 
 def _config(args):
