@@ -408,11 +408,23 @@ def _step(msg: str) -> None:
     print(f"[attnopt] {msg}", file=sys.stderr, flush=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (redirections apply)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     log = logging.getLogger("attnopt")
     for h in [h for h in log.handlers if getattr(h, "_attnopt_cli", False)]:
         log.removeHandler(h)  # main() called again in one process (tests)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[attnopt] %(message)s"))
     handler._attnopt_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)
