@@ -4,7 +4,8 @@ Shapes: batch 1, 12 heads, head dim 64, fp32, N = 4k, 16k, 32k tokens.
 
   * torch: ``torch.ops.attnopt.linear_attention`` (every feature map, causal and not) vs
     ``F.scaled_dot_product_attention`` (the fused dense kernel). Dense attention at 32k takes
-    tens of seconds here, so it is measured once (``--dense-32k once``) or skipped (``skip``);
+    about a minute a call here: its first call is the warm-up, then 2 timed calls
+    (``--dense-32k once``), or it is skipped (``skip``);
   * peak extra memory of the linear op (a fresh subprocess per point, default allocator);
   * ONNX Runtime at 4k and 16k: the linear op exported with attnopt's translation (target
     ``onnxruntime``) vs an exported exact attention (a module calling SDPA, opset 23 → ONNX
@@ -330,6 +331,37 @@ def _skip_label(op: str) -> str:
     return "skipped: intermediates do not fit in memory"
 
 
+def _method(env: dict[str, Any]) -> str:
+    if env.get("timing") == "time_rounds":
+        return "a first call and a warm-up (`_common.time_rounds`, dense attention included)"
+    # runs before the shared timing core: dense beyond 4k was timed once, cold
+    return "a warm-up (dense attention at 16k/32k: one run, no warm-up)"
+
+
+def _remeasured_section(rem: dict[str, Any]) -> list[str]:
+    """A later run of some torch points with the shared timing core, shown beside the first."""
+    env, rows = rem["environment"], rem["torch"]
+    sizes = sorted({r["n"] for r in rows})
+    lines = [f"## torch, re-measured on {env['date']} with warm-up for dense too", "",
+             f"{rem.get('why', '')} CPU time, medians of {env['reps']} runs after "
+             f"{_method(env)}; load average {env['load_before']:.0f}.", "",
+             "| op | causal | " + " | ".join(f"N={n // 1024}k" for n in sizes)
+             + " | speedup vs dense | first run's speedup |",
+             "|---|---|" + "---|" * len(sizes) + "---|---|"]
+    for causal in (False, True):
+        for op in dict.fromkeys(r["op"] for r in rows):
+            by_n = {r["n"]: r for r in rows if r["op"] == op and r["causal"] == causal}
+            if not by_n:
+                continue
+            cells = [_fmt(by_n[n]["ms"]) if n in by_n else "–" for n in sizes]
+            sp = ", ".join(f"{_x(by_n[n]['speedup_vs_dense'])} @{n // 1024}k" for n in sizes
+                           if by_n.get(n, {}).get("speedup_vs_dense"))
+            before = ", ".join(f"{_x(r)} @{int(n) // 1024}k" for n, r in
+                               rem.get("first_run_speedups", {}).get(f"{op}|{causal}", {}).items())
+            lines.append(f"| {op} | {causal} | " + " | ".join(cells) + f" | {sp} | {before} |")
+    return lines + [""]
+
+
 def write_markdown(res: dict[str, Any], path: Path) -> None:
     env = res["environment"]
     lines = [
@@ -339,10 +371,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"Threads: **{env['threads']}** (torch intra-op and ORT intra-op; inter-op 1). "
         f"Allocator: `{env['allocator']}`. Batch 1, {HEADS} heads, head dim {DIM}, fp32, "
         f"causal block {env['block']}. Times are **CPU time** (`time.process_time`, one "
-        f"thread: the work done), medians of {env['reps']} runs after a warm-up (dense attention "
-        "at 16k/32k: one run); wall times are in the JSON. The machine is shared (load average "
+        f"thread: the work done), medians of {env['reps']} runs after {_method(env)}; wall times "
+        "are in the JSON. The machine is shared (load average "
         f"{env['load_before']:.1f} at the start, {env.get('load_after', 0):.1f} at the end): wall "
         "times are inflated and noisy, CPU times much less so.", ""]
+    if res.get("remeasured"):
+        lines += _remeasured_section(res["remeasured"])
     torch_rows = res.get("torch") or []
     sizes = sorted({r["n"] for r in torch_rows})
     if not sizes:
@@ -500,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": onnxruntime.__version__, "threads": args.threads,
         "allocator": " ".join(f"{k}={os.environ.get(k, 'default')}" for k in MALLOC_ENV),
         "reps": args.reps, "block": args.block, "load_before": os.getloadavg()[0],
+        "timing": "time_rounds",
         "dense_32k": args.dense_32k}}
     args.out.mkdir(parents=True, exist_ok=True)
 
