@@ -4,12 +4,15 @@ import attnopt
 sites = attnopt.find_attention(model, example_inputs)
 fast = attnopt.optimize(model, example_inputs)      # exact: every attention fused
 print(fast.report)
+attnopt.save(fast, "model.pt2"); fast = attnopt.load("model.pt2")
 """
 
+from attnopt._archive import load, save
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
 from attnopt.errors import (
     AttnoptError,
+    CallError,
     CaptureError,
     ConfigError,
     ExportError,
@@ -35,6 +38,7 @@ __all__ = [
     "AttentionSite",
     "BlockTopK",
     "AttnoptError",
+    "CallError",
     "CaptureError",
     "Config",
     "ConfigError",
@@ -53,5 +57,7 @@ __all__ = [
     "VariantNotApplicableError",
     "export_onnx",
     "find_attention",
+    "load",
     "optimize",
+    "save",
 ]
