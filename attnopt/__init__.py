@@ -7,6 +7,7 @@ print(fast.report)
 attnopt.save(fast, "model.pt2"); fast = attnopt.load("model.pt2")
 """
 
+from attnopt import serving  # noqa: F401 - attnopt.serving.write_triton_repository(...)
 from attnopt._archive import load, save
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
@@ -16,6 +17,7 @@ from attnopt.errors import (
     CaptureError,
     ConfigError,
     ExportError,
+    ServingError,
     ValidationError,
     VariantNotApplicableError,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "Neighborhood2D",
     "OptimizedModel",
     "Report",
+    "ServingError",
     "SiteResult",
     "SlidingWindow",
     "Streaming",

@@ -70,8 +70,34 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx"],
                     help="onnxruntime: contrib attention ops; onnx: standard Attention")
     sp.add_argument("--no-fuse", action="store_true", help="skip standard non-attention fusions")
+    _triton_options(sp)
     sp.set_defaults(func=_export)
+
+    sp = sub.add_parser("serve", help="start a local Triton server (127.0.0.1) on a model "
+                                      "repository or an .onnx file")
+    sp.add_argument("model", help="a Triton model repository (attnopt export --triton) or .onnx")
+    sp.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
+    sp.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: free)")
+    sp.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
+                    help="stop after SECONDS (default: run until Ctrl-C)")
+    sp.set_defaults(func=_serve)
     return p
+
+
+def _triton_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--triton", metavar="REPO", help="also write a Triton model repository "
+                                                     "entry REPO/<name>/ (config.pbtxt + 1/)")
+    sp.add_argument("--triton-name", metavar="NAME", help="model name in REPO (default: from "
+                                                          "the spec)")
+    sp.add_argument("--triton-backend", default="onnxruntime", choices=["onnxruntime", "python"],
+                    help="onnxruntime: platform onnxruntime_onnx (NVIDIA's Triton container); "
+                         "python: onnxruntime in Triton's Python backend (pip tritonserver)")
+    sp.add_argument("--max-batch-size", type=int, default=8,
+                    help="Triton max_batch_size; dynamic batching on when > 0 (default 8)")
+    sp.add_argument("--instances", type=int, default=1, help="Triton model instances (default 1)")
+    sp.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                    help="Triton instance kind: KIND_CPU or KIND_GPU (default cpu)")
+    sp.add_argument("--overwrite", action="store_true", help="replace REPO/<name> if present")
 
 
 def _load(args):
@@ -130,9 +156,48 @@ def _export(args) -> int:
                               dynamic=not args.static, fuse=not args.no_fuse)
     print(res.report.table())
     print(f"wrote {res.path}")
+    if getattr(args, "triton", None):
+        _write_triton(args, res, name)
     if args.json:
         data = {"optimize": fast.report.to_dict(), "export": res.report.to_dict()}
         Path(args.json).write_text(json.dumps(data, indent=2))
+    return 0
+
+
+def _write_triton(args, res, name: str) -> None:
+    from attnopt.serving import write_triton_repository
+
+    model_name = args.triton_name or re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+    _step(f"writing Triton model {model_name!r} into {args.triton} "
+          f"(backend {args.triton_backend}) and validating its config against Triton's schema")
+    m = write_triton_repository(res, args.triton, model_name, backend=args.triton_backend,
+                                max_batch_size=args.max_batch_size, instances=args.instances,
+                                device=args.device, overwrite=args.overwrite)
+    print(f"wrote {m.model_dir}/ (config.pbtxt, 1/); serve it locally with: "
+          f"attnopt serve {args.triton}")
+
+
+def _serve(args) -> int:
+    from attnopt.serving import start_server
+
+    _step(f"starting tritonserver (.venv-serve) on {args.model}")
+    server = start_server(args.model, http_port=args.port, grpc_port=args.grpc_port)
+    try:
+        print(f"serving {', '.join(server.models)} at {server.url} (HTTP) and "
+              f"{server.grpc_url} (gRPC); try: curl {server.url}/v2/models/"
+              f"{server.models[0]}", flush=True)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while server.alive() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        if not server.alive():
+            print(f"attnopt: error: tritonserver exited:\n{server.logs()[-2000:]}",
+                  file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        _step("tritonserver stopped")
     return 0
 
 

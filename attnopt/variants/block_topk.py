@@ -38,7 +38,7 @@ from onnxscript import opset23 as op
 
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation
-from attnopt.variants import _sparse
+from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
 
 if TYPE_CHECKING:
@@ -199,6 +199,9 @@ def block_topk(
     Returns:
         ``[B, H, Lq, Dv]``, contiguous; rows whose selected keys are all masked are 0.
     """
+    if q.is_cuda and (out := _flex.dispatch("block_topk", q, k, v, attn_mask, block, topk, causal,
+                                             own_block, scale)) is not None:
+        return out
     mask = _sparse.check_operands(q, k, v, attn_mask)
     if causal and not own_block:
         raise ValueError("causal block top-k attends to the query's own block (own_block=True)")

@@ -5,7 +5,10 @@ one ``scaled_dot_product_attention`` call (flash / memory-efficient kernels; no 
 Compared with emitting ``aten.scaled_dot_product_attention`` directly, the op also carries
   * a causal flag *together with* a padding mask (SDPA accepts only one of them): when the
     padding mask lets every key through at run time, the causal kernel runs alone;
-  * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised;
+  * GQA with fewer kv heads (``enable_gqa``), so no repeated k/v is materialised (except on
+    CUDA where flash cannot run — a mask, fp32 — as the other kernels take no GQA there);
+  * a mask that lets every key through is dropped, so padding-free sites reach the mask-free
+    kernels (on CUDA: flash / cuDNN for fp16 / bf16; ``_backends`` reports which one runs);
 and it is one node per site in an exported program, so each export target lowers it directly
 (ONNX ``Attention``, ``com.microsoft.MultiHeadAttention`` / ``GroupQueryAttention``).
 """
@@ -64,11 +67,19 @@ def attention(
     if is_causal and attn_mask is not None:
         attn_mask = _with_causal(attn_mask, q.shape[-2], k.shape[-2])
         is_causal = attn_mask is None
+    elif attn_mask is not None and _lets_all_through(attn_mask):
+        attn_mask = None  # a padding mask with no padding: the mask-free (flash) kernels run
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and q.is_cuda and not _flash_takes(q, attn_mask):
+        # Only CUDA's flash kernel takes GQA (torch <= 2.12): where flash cannot run (a mask,
+        # fp32, head dim > 256), SDPA would fall back to its math kernel and build the N×N
+        # scores; with k / v repeated the memory-efficient kernel runs instead.
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        gqa = False
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1],
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa,
     )
     return out.contiguous()
 
@@ -76,6 +87,16 @@ def attention(
 @attention.register_fake
 def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _flash_takes(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether CUDA's flash kernel can run this site (no mask, fp16 / bf16, head dim <= 256)."""
+    return attn_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def _lets_all_through(mask: torch.Tensor) -> bool:
+    """Whether a mask changes nothing (bool: all True; additive: all 0)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
 
 
 def _with_causal(mask: torch.Tensor, lq: int, lk: int) -> torch.Tensor | None:
@@ -103,7 +124,8 @@ def reference_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
             else s + attn_mask.float()
     if is_causal:
         lq, lk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril(),
+                          float("-inf"))
     return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 

@@ -31,6 +31,7 @@ Hedgehog / LoLCATs). ``learned`` needs it; the fixed maps can use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ log = logging.getLogger("attnopt")
 CHUNK_BYTES = 24 << 20
 #: ... but never fewer tokens than this per chunk (tiny chunks make tiny, slow matmuls).
 MIN_CHUNK = 256
+#: on CUDA: chunks of up to this many bytes (a few chunks at 64k tokens) and causal blocks of at
+#: least this many tokens (fewer block states to write and prefix-sum; bigger matmuls).
+CUDA_CHUNK_BYTES = 2 << 30
+CUDA_MIN_BLOCK = 256
 #: the normaliser is clamped to this (all weights are >= 0, so |num| <= den·max|v| always).
 TINY = torch.finfo(torch.float32).tiny
 #: masks whose masked positions are not below this are biases, not padding (same as the matcher).
@@ -154,9 +159,32 @@ def linear_attention(
     """
     p = MapParams(feature_map, scale, wq, bq, wk, bk, omega)
     kw = key_weights(attn_mask, q.shape[1], k.shape[1], k.shape[2])
-    with torch.no_grad():
+    if q.is_cuda:
+        block = max(block, CUDA_MIN_BLOCK)
+    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    with torch.no_grad(), _tf32_matmuls(half):
         out = linear_attention_torch(q, k, v, kw, p, is_causal, block)
     return out.to(q.dtype)
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(on: bool):
+    """TF32 CUDA matmuls inside (restored after): for fp16 / bf16 inputs, whose own rounding is
+    coarser than TF32's, the fp32 matmuls of the kernel then run on tensor cores.
+    """
+    m = torch.backends.cuda.matmul
+    try:
+        old = m.allow_tf32 if on else None
+    except RuntimeError:  # the TF32 state was set through the newer ``fp32_precision`` API
+        old = None
+    if old is None:
+        yield
+        return
+    m.allow_tf32 = True
+    try:
+        yield
+    finally:
+        m.allow_tf32 = old
 
 
 @linear_attention.register_fake
@@ -238,11 +266,12 @@ def _ones_col(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v.float(), v.new_ones((*v.shape[:-1], 1), dtype=torch.float32)], -1)
 
 
-def _chunk_len(per_token: int, multiple: int) -> int:
-    """Tokens per chunk: within ``CHUNK_BYTES``, at least ``MIN_CHUNK``, a multiple of
-    ``multiple``.
+def _chunk_len(per_token: int, multiple: int, device: torch.device | None = None) -> int:
+    """Tokens per chunk: within ``CHUNK_BYTES`` (``CUDA_CHUNK_BYTES`` on CUDA), at least
+    ``MIN_CHUNK``, a multiple of ``multiple``.
     """
-    n = max(MIN_CHUNK, CHUNK_BYTES // max(per_token, 1))
+    budget = CUDA_CHUNK_BYTES if device is not None and device.type == "cuda" else CHUNK_BYTES
+    n = max(MIN_CHUNK, budget // max(per_token, 1))
     return max(multiple, n // multiple * multiple)
 
 
@@ -262,7 +291,7 @@ def _non_causal(q, k, v, kw, p, shift, fdim):
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
     per_token = 4 * b * (2 * h * fdim + 2 * hkv * fdim + 2 * h * (dv + 1))
-    step = _chunk_len(per_token, 1)
+    step = _chunk_len(per_token, 1, q.device)
     kv = None
     for s in range(0, lk, step):
         fk = fm.key_features(k[:, :, s:s + step], p, _slice_w(kw, s, s + step), shift)
@@ -298,7 +327,7 @@ def _causal(q, k, v, kw, p, shift, block, fdim):
     e = dv + 1
     per_token = 4 * b * (3 * h * fdim + hkv * fdim + hkv * e + h * c + 3 * h * e
                          + 3 * hkv * fdim * e // c)
-    step = _chunk_len(per_token, c)
+    step = _chunk_len(per_token, c, q.device)
     tri = _intra_mask(c, g, q.device) if g > 1 else None
     state = None                                                        # [B, Hkv, F, Dv+1]
     out = q.new_empty((b, h, n, dv), dtype=torch.float32)

@@ -44,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation
-from attnopt.variants import _sparse
+from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
 
 if TYPE_CHECKING:
@@ -244,6 +244,9 @@ def neighborhood2d(
     Returns:
         ``[B, H, L, Dv]``, contiguous; rows whose pattern is fully masked are 0.
     """
+    if q.is_cuda and (out := _flex.dispatch("neighborhood2d", q, k, v, attn_mask, kernel, dilation,
+                                             grid_h, grid_w, scale)) is not None:
+        return out
     mask = _sparse.check_operands(q, k, v, attn_mask)
     length = q.shape[2]
     prefix = length - grid_h * grid_w

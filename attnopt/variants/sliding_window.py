@@ -37,7 +37,7 @@ import torch
 
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation
-from attnopt.variants import _sparse
+from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
 
 if TYPE_CHECKING:
@@ -104,6 +104,9 @@ def sliding_window(
     Returns:
         ``[B, H, Lq, Dv]``, contiguous; rows whose window is fully masked are 0.
     """
+    if q.is_cuda and (out := _flex.dispatch("sliding_window", q, k, v, attn_mask, window, causal,
+                                             scale)) is not None:
+        return out
     mask = _sparse.check_operands(q, k, v, attn_mask)
     lo, hi = band_reach(window, causal)
     runner = _sparse.BlockedRunner(q, k, v, mask, scale)

@@ -29,7 +29,7 @@ import torch
 
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation
-from attnopt.variants import _sparse
+from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ def streaming(
     Returns:
         ``[B, H, Lq, Dv]``, contiguous; rows whose pattern is fully masked are 0.
     """
+    if q.is_cuda and (out := _flex.dispatch("streaming", q, k, v, attn_mask, sinks, window,
+                                             scale)) is not None:
+        return out
     mask = _sparse.check_operands(q, k, v, attn_mask)
     runner = _sparse.BlockedRunner(q, k, v, mask, scale)
     plan = _sparse.BandPlan(runner, lo=window - 1, hi=0, sinks=sinks)
