@@ -223,6 +223,7 @@ def test_torch_compile_with_and_without_grad():
     grads = {n.removeprefix("graph_module."): p.grad for n, p in fast.named_parameters()}
     model.zero_grad()
     model(x).square().sum().backward()
-    for n, p in model.named_parameters():
-        err = ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
-        assert err < 1e-4, (n, err)
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for n, p in model.named_parameters():  # k.bias has a zero gradient: errors vs the largest
+        err = (grads[n] - p.grad).abs().max().item() / scale
+        assert err < 1e-5, (n, err)
