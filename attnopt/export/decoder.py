@@ -51,7 +51,10 @@ from attnopt.export._decoder_capture import (
     position_ids_for,
 )
 from attnopt.export._generate import Generation, OrtRunner
-from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
+from attnopt.export._registry import OPSET, translation_table
+
+#: The targets a KV-cache decoder can be exported for.
+DECODER_TARGETS = ("onnxruntime", "onnx")
 
 log = logging.getLogger("attnopt.export")
 
@@ -213,8 +216,12 @@ def export_decoder(
     from attnopt.api import OptimizedModel
     from attnopt.config import Config
 
-    if target not in ONNX_TARGETS:
-        raise ConfigError(f"unknown export target {target!r}; choose one of {ONNX_TARGETS}")
+    if target not in DECODER_TARGETS:
+        hint = (" (a TensorRT KV-cache decoder is not supported; export a whole-sequence graph with "
+                "attnopt.export_onnx(..., target='tensorrt') instead)" if target == "tensorrt"
+                else "")
+        raise ConfigError(f"unknown decoder export target {target!r}; choose one of "
+                          f"{DECODER_TARGETS}{hint}")
     if isinstance(model, OptimizedModel):
         config = config or model.config
         source = model.__dict__.get("source_model")

@@ -105,9 +105,8 @@ def _fold_causal(mask, q, k):
 
 def _heads_in_batch(q, k, v, attn_mask) -> bool:
     from attnopt.export import _onnx_ops as ox
-    from attnopt.variants.fused import _heads_in_batch as folded
 
-    return ox.static_dim(q, 1) is None and folded(q, k, v, attn_mask)
+    return ox.static_dim(q, 1) is None and ox.heads_in_batch(q, k, v, attn_mask)
 
 
 def _per_sequence(fn, q, k, v, attn_mask, is_causal: bool, scale: float):
