@@ -217,9 +217,10 @@ def export_decoder(
     from attnopt.config import Config
 
     if target not in DECODER_TARGETS:
-        hint = (" (a TensorRT KV-cache decoder is not supported; export a whole-sequence graph with "
-                "attnopt.export_onnx(..., target='tensorrt') instead)" if target == "tensorrt"
-                else "")
+        hint = ""
+        if target == "tensorrt":
+            hint = (" (a TensorRT KV-cache decoder is not supported; export a whole-sequence graph"
+                    " with attnopt.export_onnx(..., target='tensorrt') instead)")
         raise ConfigError(f"unknown decoder export target {target!r}; choose one of "
                           f"{DECODER_TARGETS}{hint}")
     if isinstance(model, OptimizedModel):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from attnopt.errors import ConfigError
+from attnopt.errors import ConfigError, VariantNotApplicableError
 
 if TYPE_CHECKING:
     from torch.fx import Graph, Node
@@ -43,6 +43,21 @@ class Variant:
         if cls is None:
             raise ConfigError(f"unknown variant {name!r}; known: {sorted(_BY_NAME)}")
         return cls(**data)
+
+    def can_apply(self, site: AttentionSite, *, raise_error: bool = False) -> str | None:
+        """None when this variant can rewrite ``site``; otherwise the reason it cannot.
+
+        Args:
+            site: a site from ``find_attention`` / ``fast.sites``.
+            raise_error: raise :class:`VariantNotApplicableError` with the reason instead of
+                returning it (for a variant the user forced on the site).
+        """
+        reason = implementation(self).can_apply(self, site)
+        if reason is not None and raise_error:
+            raise VariantNotApplicableError(
+                f"{self.describe()} cannot be applied to site {site.index} ({site.location}): "
+                f"{reason}")
+        return reason
 
     def describe(self) -> str:
         """A short label for reports, e.g. ``SlidingWindow(window=512)``: the first field and
