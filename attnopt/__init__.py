@@ -80,3 +80,13 @@ __all__ = [
     "optimize",
     "save",
 ]
+
+
+# Public subpackages reached as attributes (attnopt.serving.write_triton_repository).
+_PUBLIC_MODULES = ["serving"]
+
+
+def __dir__() -> list[str]:
+    # Other submodules (attnopt.api, attnopt.capture, ...) are importable for advanced use but
+    # are not the public API: dir(attnopt) lists the public names only.
+    return sorted(__all__ + _PUBLIC_MODULES + ["__version__"])

@@ -18,7 +18,7 @@ from attnopt._inputs import Inputs, normalize
 from attnopt._match.evaluate import Evaluator
 from attnopt._match.matcher import Matcher
 from attnopt.capture import Captured, capture
-from attnopt.config import Config
+from attnopt.config import Config, check_overrides
 from attnopt.errors import CaptureError, ConfigError
 from attnopt.optimized import OptimizedModel
 from attnopt.passes.rewrite_sites import rewrite_sites
@@ -86,6 +86,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
         with _timed(timings, "capture static"):
             captured, sites, rejected = _recapture_static(model, inputs, why, captured, sites,
                                                           rejected)
+    check_overrides(config, [s.location for s in sites])
     tol = config.tolerance or default_tolerance(model_dtype(model))
     report = Report(model=type(model).__name__, rejected=list(rejected), tolerance=tol,
                     notes=list(captured.notes), timings=timings)

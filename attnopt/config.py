@@ -91,3 +91,24 @@ class Config:
         overrides = {g: (Variant.from_dict(v) if v else None)
                      for g, v in data.pop("overrides", {}).items()}
         return cls(variant=variant, overrides=overrides, **data)
+
+
+def check_overrides(config: Config, locations: list[str]) -> None:
+    """Raise when an override glob matches none of the sites' module paths.
+
+    A glob that matches nothing is a typo or a wrong path; ignoring it would silently apply the
+    default variant where the user asked for something else.
+
+    Raises:
+        ConfigError: naming the globs and listing the site locations.
+    """
+    unmatched = [g for g in config.overrides
+                 if not any(fnmatch.fnmatchcase(loc, g) for loc in locations)]
+    if not unmatched:
+        return
+    shown = ", ".join(locations[:12]) + (f", ... ({len(locations)} in all)"
+                                         if len(locations) > 12 else "")
+    raise ConfigError(
+        f"override {', '.join(repr(g) for g in unmatched)} matches no attention site; "
+        + (f"the sites are at: {shown}" if locations else "the model has no attention sites")
+        + " (globs match the whole module path, e.g. '*layers.0.*')")

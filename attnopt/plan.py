@@ -21,6 +21,7 @@ from attnopt.passes.static_sizes import static_symbols
 from attnopt.report import FUSED, LEFT_EXACT, REVERTED, REWRITTEN, Report, SiteResult
 from attnopt.sites import AttentionSite
 from attnopt.variants import Fused, Variant, implementation
+from attnopt.variants._base import wants_fit
 from attnopt.verify import compare, record
 
 log = logging.getLogger("attnopt")
@@ -116,7 +117,7 @@ def _fit(captured: Captured, candidates: list[tuple[AttentionSite, Variant]], co
     Calibration batches come from ``config.calibration`` (a list of example inputs shaped like
     the example's); without it the example inputs are used and the report says so.
     """
-    to_fit = [(s, v) for s, v in candidates if hasattr(implementation(v), "fit")]
+    to_fit = [(s, v) for s, v in candidates if wants_fit(v, config.calibration is not None)]
     if not to_fit:
         return {}
     batches = config.calibration

@@ -116,6 +116,9 @@ class VariantImpl(Protocol):
     # q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], mask (or None), causal, scale, and out
     # [B,H,Lq,Dv] (the exact attention output). The returned state reaches ``emit`` as
     # ``ops.state``. Variants without ``fit`` need no calibration.
+    #   wants_fit(config, calibration_given) -> bool   (optional; default: always fit)
+    # says whether to fit at all: a variant that works unfitted (a fixed feature map) fits only
+    # when the user passed calibration data.
 
 
 _REGISTRY: dict[type[Variant], VariantImpl] = {}
@@ -148,3 +151,12 @@ def implementation(config: Variant) -> VariantImpl:
 def registered() -> dict[str, type[Variant]]:
     """All registered variant config classes by name."""
     return dict(_BY_NAME)
+
+
+def wants_fit(config: Variant, calibration_given: bool) -> bool:
+    """True when ``optimize`` should call the variant's ``fit`` (see ``VariantImpl``)."""
+    impl = implementation(config)
+    if not hasattr(impl, "fit"):
+        return False
+    ask = getattr(impl, "wants_fit", None)
+    return True if ask is None else bool(ask(config, calibration_given))
