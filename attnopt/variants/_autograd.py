@@ -159,14 +159,17 @@ _REGISTERED: set[str] = set()
 def _register(name: str, op: CustomOpDef) -> None:
     def setup_context(ctx, inputs, output):
         tensor_slots = [isinstance(x, torch.Tensor) or x is None for x in inputs]
-        ctx.layout = json.dumps([None if t else {"value": x}
-                                 for x, t in zip(inputs, tensor_slots)])
+        # serialised only in backward: under torch.export the constants may be SymInts (e.g. a
+        # dynamic patch grid), which backward never sees
+        ctx.constants = [None if t else x for x, t in zip(inputs, tensor_slots)]
         ctx.slots = tensor_slots
         ctx.save_for_backward(*[x for x, t in zip(inputs, tensor_slots) if t])
 
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        grads = torch.ops.attnopt.grad(name, ctx.layout, grad_out.contiguous(), saved)
+        layout = json.dumps([None if t else {"value": x}
+                             for x, t in zip(ctx.constants, ctx.slots)])
+        grads = torch.ops.attnopt.grad(name, layout, grad_out.contiguous(), saved)
         out: list[Any] = []
         it = iter(zip(saved, grads))
         for is_tensor, needed in zip(ctx.slots, ctx.needs_input_grad):
