@@ -4,13 +4,16 @@ import attnopt
 sites = attnopt.find_attention(model, example_inputs)
 fast = attnopt.optimize(model, example_inputs)      # exact: every attention fused
 print(fast.report)
+attnopt.save(fast, "model.pt2"); fast = attnopt.load("model.pt2")
 """
 
 from attnopt import serving  # noqa: F401 - attnopt.serving.write_triton_repository(...)
+from attnopt._archive import load, save
 from attnopt.api import OptimizedModel, find_attention, optimize
 from attnopt.config import Config
 from attnopt.errors import (
     AttnoptError,
+    CallError,
     CaptureError,
     ConfigError,
     ExportError,
@@ -50,6 +53,7 @@ __all__ = [
     "AttentionSite",
     "BlockTopK",
     "AttnoptError",
+    "CallError",
     "CaptureError",
     "Config",
     "ConfigError",
@@ -72,5 +76,17 @@ __all__ = [
     "export_decoder",
     "export_onnx",
     "find_attention",
+    "load",
     "optimize",
+    "save",
 ]
+
+
+# Public subpackages reached as attributes (attnopt.serving.write_triton_repository).
+_PUBLIC_MODULES = ["serving"]
+
+
+def __dir__() -> list[str]:
+    # Other submodules (attnopt.api, attnopt.capture, ...) are importable for advanced use but
+    # are not the public API: dir(attnopt) lists the public names only.
+    return sorted(__all__ + _PUBLIC_MODULES + ["__version__"])

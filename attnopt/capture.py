@@ -18,7 +18,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 
-from attnopt._inputs import Inputs, Resized, choose_resized
+from attnopt._inputs import Inputs, Resized, check_signature, choose_resized, input_error
+from attnopt._quiet import quiet
 from attnopt.errors import CaptureError, ConfigError
 
 log = logging.getLogger("attnopt.capture")
@@ -82,6 +83,7 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> 
     """Export ``model`` on ``inputs``; see the module docstring."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_signature(model, inputs)
     inputs, injected = _with_hf_defaults(model, inputs)
     notes: list[str] = []
     if injected:
@@ -92,13 +94,13 @@ def capture(model: torch.nn.Module, inputs: Inputs, *, dynamic: bool = True) -> 
             program = _export(model, inputs, spec)
         except Exception as dyn_err:  # noqa: BLE001 - any export failure: retry statically
             if spec is None:
-                raise _capture_error(dyn_err) from dyn_err
+                raise input_error(dyn_err, model, inputs) or _capture_error(dyn_err) from dyn_err
             log.info("dynamic capture failed (%s); retrying with static shapes",
                      str(dyn_err).splitlines()[0][:200])
             try:
                 program = _export(model, inputs, None)
             except Exception as err:  # noqa: BLE001
-                raise _capture_error(err) from err
+                raise input_error(err, model, inputs) or _capture_error(err) from err
             spec = None
             notes.append("static shapes only: dynamic capture failed with "
                          + str(dyn_err).splitlines()[0][:160])
@@ -196,8 +198,9 @@ def _resize(program: ExportedProgram, gm: torch.fx.GraphModule, inputs: Inputs,
 
 
 def _export(model, inputs: Inputs, spec) -> ExportedProgram:
-    return torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=spec,
-                               strict=False)
+    with quiet(stderr=True):  # a failed capture dumps graphs; the CaptureError says what failed
+        return torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=spec,
+                                   strict=False)
 
 
 def reexport(captured: Captured, gm: torch.fx.GraphModule) -> ExportedProgram:
@@ -214,8 +217,9 @@ def reexport(captured: Captured, gm: torch.fx.GraphModule) -> ExportedProgram:
                   for i, shp in enumerate(captured._shapes) if shp is not None}
         names = list(spec)[:len(inputs.args)] if isinstance(spec, dict) and inputs.args else None
         spec = _dynamic_shapes_spec(inputs, names, static)
-    return torch.export.export(gm, inputs.args, inputs.kwargs, dynamic_shapes=spec,
-                               strict=False)
+    with quiet():
+        return torch.export.export(gm, inputs.args, inputs.kwargs, dynamic_shapes=spec,
+                                   strict=False)
 
 
 @contextmanager

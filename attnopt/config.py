@@ -30,6 +30,9 @@ class Config:
         dynamic: keep batch / sequence dimensions dynamic when the model allows it.
         verify: run the numerical checks (per site and end to end). Turning this off is only
             for benchmarking the pipeline itself.
+        strict: a variant chosen by the user (``variant`` other than ``Fused()``, or an
+            override) that cannot apply to a site raises ``VariantNotApplicableError``; by
+            default such a site is fused exactly instead and the report says why.
     """
 
     variant: Variant = field(default_factory=Fused)
@@ -38,6 +41,7 @@ class Config:
     calibration: Any = None
     dynamic: bool = True
     verify: bool = True
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.variant, Variant):
@@ -54,6 +58,13 @@ class Config:
         if self.tolerance is not None and not (self.tolerance > 0):
             raise ConfigError(f"tolerance must be positive, got {self.tolerance!r}")
 
+    def forced(self, location: str) -> bool:
+        """True when the user chose the variant of the site at ``location`` (an override
+        matches it, or ``variant`` is not the default ``Fused()``).
+        """
+        return (any(fnmatch.fnmatchcase(location, g) for g in self.overrides)
+                or self.variant != Fused())
+
     def variant_for(self, location: str) -> Variant | None:
         """The variant for a site at module path ``location`` (None: leave it untouched)."""
         for glob, v in self.overrides.items():
@@ -69,6 +80,7 @@ class Config:
             "tolerance": self.tolerance,
             "dynamic": self.dynamic,
             "verify": self.verify,
+            "strict": self.strict,
         }
 
     @classmethod
@@ -79,3 +91,24 @@ class Config:
         overrides = {g: (Variant.from_dict(v) if v else None)
                      for g, v in data.pop("overrides", {}).items()}
         return cls(variant=variant, overrides=overrides, **data)
+
+
+def check_overrides(config: Config, locations: list[str]) -> None:
+    """Raise when an override glob matches none of the sites' module paths.
+
+    A glob that matches nothing is a typo or a wrong path; ignoring it would silently apply the
+    default variant where the user asked for something else.
+
+    Raises:
+        ConfigError: naming the globs and listing the site locations.
+    """
+    unmatched = [g for g in config.overrides
+                 if not any(fnmatch.fnmatchcase(loc, g) for loc in locations)]
+    if not unmatched:
+        return
+    shown = ", ".join(locations[:12]) + (f", ... ({len(locations)} in all)"
+                                         if len(locations) > 12 else "")
+    raise ConfigError(
+        f"override {', '.join(repr(g) for g in unmatched)} matches no attention site; "
+        + (f"the sites are at: {shown}" if locations else "the model has no attention sites")
+        + " (globs match the whole module path, e.g. '*layers.0.*')")

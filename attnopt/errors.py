@@ -14,6 +14,18 @@ class ConfigError(AttnoptError, ValueError):
     """A configuration value or a public-API argument is invalid."""
 
 
+class CallError(ConfigError, TypeError):
+    """An optimized model was called in a way its captured graph cannot take.
+
+    Attributes:
+        argument: the argument (or input path) at fault, when known.
+    """
+
+    def __init__(self, message: str, *, argument: str = "") -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
 class CaptureError(AttnoptError):
     """The model could not be captured as a graph with ``torch.export``.
 

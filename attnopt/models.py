@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,22 +43,36 @@ class BuiltModel:
     tokenizer: Any = None
 
 
-def build(spec: str, *, batch: int = 2, seq: int = 32) -> BuiltModel:
-    """Build the model named by ``spec`` with example inputs of ``batch`` x ``seq`` tokens."""
+def build(spec: str, *, batch: int | None = None, seq: int | None = None) -> BuiltModel:
+    """Build the model named by ``spec`` with example inputs of ``batch`` x ``seq`` tokens.
+
+    ``batch`` / ``seq`` default to 2 x 32. A ``module:factory`` spec receives them only when
+    the factory takes ``batch`` / ``seq`` arguments; passing them to one that does not is a
+    ``ConfigError`` (they would be silently ignored).
+    """
     if ":" not in spec:
         raise ConfigError(f"model spec {spec!r} needs a prefix: tiny:, pkg:, hf:, timm: or "
                           "module.path:factory")
     kind, _, name = spec.partition(":")
     torch.manual_seed(0)
+    if kind not in ("tiny", "pkg", "hf", "timm"):
+        return user_factory(kind, name, batch=batch, seq=seq)
+    b = DEFAULT_BATCH if batch is None else batch
+    s = DEFAULT_SEQ if seq is None else seq
     if kind == "tiny":
-        return tiny(name, batch=batch, seq=seq)
+        return tiny(name, batch=b, seq=s)
     if kind == "pkg":
-        return packaged(name, batch=batch, seq=seq)
+        return packaged(name, batch=b, seq=s)
     if kind == "hf":
-        return from_pretrained(name, batch=batch, seq=seq)
-    if kind == "timm":
-        return timm_model(name, batch=batch)
-    return user_factory(kind, name)
+        return from_pretrained(name, batch=b, seq=s)
+    if seq is not None:
+        raise ConfigError(f"--seq does not apply to {spec}: timm models take images "
+                          "(their default input size)")
+    return timm_model(name, batch=b)
+
+
+DEFAULT_BATCH = 2
+DEFAULT_SEQ = 32
 
 
 # -- tiny random-weight HF models ------------------------------------------------------------------
@@ -314,12 +329,33 @@ def from_pretrained(name: str, *, batch: int = 2, seq: int = 32) -> BuiltModel:
     """``from_pretrained`` on a local directory (or a cached hub id) with text inputs."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(name)
-    causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(name).eval()
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+        causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(name).eval()
+    except (OSError, ValueError, KeyError) as e:
+        # transformers reports a missing directory, an unknown hub id offline and an unknown
+        # architecture as OSError / ValueError with a long message: keep its first line.
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"hf:{name}: cannot load a transformers model from {name!r} ({first}); pass a local "
+            "directory holding config.json and weights (from save_pretrained), or a hub id "
+            "already in the local cache (attnopt runs offline)") from None
+    tokenizer = _tokenizer_or_none(name)
     vocab = getattr(cfg, "vocab_size", 100)
-    return BuiltModel(model, _text_inputs(vocab, batch, seq, padding=not causal), f"hf {name}")
+    return BuiltModel(model, _text_inputs(vocab, batch, seq, padding=not causal), f"hf {name}",
+                      tokenizer=tokenizer)
+
+
+def _tokenizer_or_none(name: str):
+    """The tokenizer saved with a model, when there is one (exported next to the ONNX file)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def timm_model(name: str, *, batch: int = 2) -> BuiltModel:
@@ -334,13 +370,33 @@ def timm_model(name: str, *, batch: int = 2) -> BuiltModel:
     return BuiltModel(model, (torch.randn(batch, *size),), f"timm {name} (random weights)")
 
 
-def user_factory(module: str, attr: str) -> BuiltModel:
-    """``module.path:factory``: the factory returns a module or a (module, inputs) pair."""
+def user_factory(module: str, attr: str, *, batch: int | None = None,
+                 seq: int | None = None) -> BuiltModel:
+    """``module.path:factory``: the factory returns a module or a (module, inputs) pair.
+
+    ``batch`` / ``seq`` are passed as keyword arguments when given; the factory must accept
+    them (``def factory(batch=2, seq=32)``).
+    """
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load {module}:{attr}: {e}") from e
-    out = fn()
+        raise ConfigError(f"cannot load {module}:{attr}: {e} (the module is imported from the "
+                          "current directory or PYTHONPATH)") from e
+    given = {k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None}
+    if given:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [k for k in given if k not in params and not takes_any]
+        if missing:
+            opts = " / ".join(f"--{k}" for k in missing)
+            raise ConfigError(f"{opts} cannot be applied to {module}:{attr}: the factory takes "
+                              f"no {' / '.join(repr(k) for k in missing)} argument; drop the "
+                              f"option or give the factory that parameter "
+                              f"(def {attr}(batch=2, seq=32))")
+    out = fn(**given)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module):
         return BuiltModel(out[0].eval(), out[1], f"{module}:{attr}")
     if isinstance(out, torch.nn.Module):

@@ -115,13 +115,23 @@ class Report:
                    f"{self.count(REVERTED)} reverted")
         lines.append(summary)
         lines += [f"warning: {w}" for w in self.warnings]
+        # The tolerance bounds exact rewrites only: next to the error of an approximate model it
+        # would read as a failed check.
+        approximate = self.count(REWRITTEN) > 0
         for name, err in self.end_to_end.items():
             lines.append(f"end-to-end error on {name}: {err.rel:.2e} (max abs {err.max_abs:.2e}, "
                          f"cosine {err.cosine:.6f})"
-                         + (f", tolerance {self.tolerance:.0e}" if self.tolerance else ""))
+                         + (", approximate: measured, not bounded" if approximate
+                            else f", tolerance {self.tolerance:.0e}" if self.tolerance else ""))
         for r in self.rows:
             if r.note:
                 lines.append(f"  site {r.site.index} ({r.site.location}): {r.note}")
+            if r.error is not None and r.error.nan_in_reference:
+                lines.append(f"  site {r.site.index} ({r.site.location}): "
+                             f"{_nan_note(r.error.nan_in_reference)}")
+        nan_e2e = max((e.nan_in_reference for e in self.end_to_end.values()), default=0)
+        if nan_e2e:
+            lines.append(f"end to end: {_nan_note(nan_e2e)}")
         if self.rejected:
             lines.append(f"{len(self.rejected)} other softmax ops, not attention (left alone):")
             for rej in self.rejected:
@@ -174,12 +184,18 @@ def _row(r: SiteResult) -> list[str]:
     result = r.variant if r.outcome == REWRITTEN and r.variant else r.outcome
     if r.outcome == FUSED and s.already_fused:
         result = "fused (was sdpa)"
-    if r.density is not None and r.density < 1.0:
+    if r.density is not None and (r.density < 1.0 or r.outcome == REWRITTEN):
         result += f" d={r.density:.2f}"
     err = "-" if r.error is None else f"{r.error.rel:.1e}"
     pattern = s.spelling if len(s.spelling) <= 60 else s.spelling[:57] + "..."
     return [str(s.index), s.location, pattern, s.kind, heads, _n(s.head_dim), lens,
             "-" if s.scale is None else f"{s.scale:.4g}", s.mask, result, err]
+
+
+def _nan_note(count: int) -> str:
+    return (f"{count} output values are NaN in the original model (rows whose keys are all "
+            "masked, e.g. fully padded sequences) and finite after the rewrite; they are "
+            "excluded from the error")
 
 
 def _n(x: Any) -> str:

@@ -2,6 +2,13 @@
 
 The error of a rewrite is ``max|out - ref| / max|ref|`` (max abs difference relative to the
 reference's scale), computed in float64 over every tensor leaf of the outputs.
+
+NaN in the reference: attention over a row whose keys are all masked is 0/0 in the original
+code (a fully padded sequence), so the original outputs NaN there, while fused kernels return a
+finite value. Those elements carry nothing a caller can use, so they are excluded from the
+error and counted (``ErrorStats.nan_in_reference``, shown in reports): a rewrite is not
+reverted for giving a number where the original gave NaN. The reverse, NaN in the output where
+the reference is finite, is an infinite error.
 """
 
 from __future__ import annotations
@@ -44,15 +51,19 @@ class ErrorStats:
         rel: max abs difference / max abs reference (the number compared with tolerances).
         max_abs: max abs difference.
         cosine: cosine similarity of the flattened tensors (1.0 = same direction).
+        nan_in_reference: elements that are NaN in the reference but not in the output
+            (excluded from the other numbers; see the module docstring).
     """
 
     rel: float
     max_abs: float
     cosine: float
+    nan_in_reference: int = 0
 
     def to_dict(self) -> dict[str, float]:
         """Plain data for reports."""
-        return {"rel": self.rel, "max_abs": self.max_abs, "cosine": self.cosine}
+        return {"rel": self.rel, "max_abs": self.max_abs, "cosine": self.cosine,
+                "nan_in_reference": self.nan_in_reference}
 
 
 ZERO = ErrorStats(0.0, 0.0, 1.0)
@@ -73,7 +84,8 @@ def compare(ref: Any, out: Any) -> ErrorStats:
         else:
             s = ErrorStats(math.inf, math.inf, 0.0)
         worst = ErrorStats(max(worst.rel, s.rel), max(worst.max_abs, s.max_abs),
-                           min(worst.cosine, s.cosine))
+                           min(worst.cosine, s.cosine),
+                           worst.nan_in_reference + s.nan_in_reference)
     return worst
 
 
@@ -84,9 +96,10 @@ def _tensor_error(ref: torch.Tensor, out: torch.Tensor) -> ErrorStats:
         same = bool(torch.equal(ref, out))
         return ZERO if same else ErrorStats(math.inf, math.inf, 0.0)
     a, b = ref.detach().double(), out.detach().double()
-    both_nan = torch.isnan(a) & torch.isnan(b)
-    a = torch.where(both_nan, 0.0, a)
-    b = torch.where(both_nan, 0.0, b)
+    ref_nan = torch.isnan(a)
+    nan_only_in_ref = int((ref_nan & ~torch.isnan(b)).sum())
+    a = torch.where(ref_nan, 0.0, a)
+    b = torch.where(ref_nan, 0.0, b)
     if a.numel() == 0:
         return ZERO
     diff = (a - b).abs().max().item()
@@ -96,7 +109,7 @@ def _tensor_error(ref: torch.Tensor, out: torch.Tensor) -> ErrorStats:
         rel = math.inf
     na, nb = a.norm().item(), b.norm().item()
     cos = 1.0 if na == nb == 0 else (a.flatten() @ b.flatten()).item() / max(na * nb, 1e-300)
-    return ErrorStats(rel, diff, cos)
+    return ErrorStats(rel, diff, cos, nan_only_in_ref)
 
 
 class _Recorder(Interpreter):

@@ -3,9 +3,10 @@
 Reusable by any benchmark in this folder (``import _common`` works when the benchmark is run as
 ``python benchmarks/<name>.py``; tests put ``benchmarks/`` on ``sys.path``).
 
-* :func:`time_interleaved` times several callables in the same process, alternating their order
-  every repetition, so that load from other processes on the shared cores hits all of them alike;
-  :func:`compare_and_time` adds the output check, warm-up and a time budget.
+* :func:`time_rounds` is the one timing core: first call, warm-up, then interleaved rounds (every
+  order of the callables in turn, so load from other processes on the shared cores hits all of
+  them alike), CPU and wall time per call. :func:`time_interleaved` and
+  :func:`compare_and_time` (output check and a time budget) are built on it.
 * :func:`timing_subprocess` runs :func:`compare_and_time` in a fresh process per case with glibc
   malloc settings that keep freed memory mapped (fresh pages cost ~1 ms/MB to touch on these VMs,
   see ``shared/research/platform.md``). One process per case keeps the heap those settings never
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -121,32 +123,86 @@ def _git_commit() -> str | None:
 # -- timing ------------------------------------------------------------------------------------
 
 
+def time_rounds(fns: Mapping[str, Callable[[], Any]], budget_s: float = 0.0, min_reps: int = 3,
+                max_reps: int = 15, *, warmup: bool | None = None, long_round_s: float = 30.0,
+                first_call: bool = True) -> dict[str, Any]:
+    """The timing core of every benchmark: CPU and wall time over interleaved rounds.
+
+    1. ``first_call``: one untimed call of each callable (pays for allocations, page faults,
+       library initialisation; its duration is reported as ``first_round_s``).
+    2. Warm-up: one more untimed round, unless ``warmup`` is False, or ``warmup`` is None and
+       the first round took more than ``long_round_s`` wall seconds (then the first call was the
+       warm-up: nothing is ever timed cold).
+    3. Timed rounds: every round calls each callable once; the order cycles through all
+       permutations, so each callable runs in every position equally often and load from other
+       processes on shared cores hits all of them alike. Rounds continue while the next one is
+       expected to end within ``budget_s`` (at least ``min_reps``, at most ``max_reps``). The
+       garbage collector is off while timing.
+
+    Per call: wall seconds (``time.perf_counter``) and CPU seconds of this process
+    (``time.process_time``: with one intra-op thread, the work done; it does not grow when
+    other processes take the core). CPU time is the primary number of the benchmarks.
+
+    Returns:
+        ``rounds``, ``warmup_rounds``, ``first_round_s``, ``cpu`` / ``wall`` (name →
+        :func:`summarize`), ``cpu_s`` / ``wall_s`` (name → raw seconds in call order) and
+        ``cpu_over_wall``.
+    """
+    names = list(fns)
+    orders = list(itertools.permutations(names))
+    first_round = 0.0
+    if first_call:
+        t0 = time.perf_counter()
+        for n in names:
+            fns[n]()
+        first_round = time.perf_counter() - t0
+    warm = 0
+    if warmup or (warmup is None and first_round < long_round_s):
+        for n in (names[::-1] if first_call else names):
+            fns[n]()
+        warm = 1
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        r = 0
+        while r < max_reps:
+            elapsed = time.perf_counter() - start
+            if r >= min_reps and elapsed * (r + 1) / r > budget_s:
+                break
+            for n in orders[r % len(orders)]:
+                w0, c0 = time.perf_counter(), time.process_time()
+                fns[n]()
+                cpu[n].append(time.process_time() - c0)
+                wall[n].append(time.perf_counter() - w0)
+            r += 1
+    finally:
+        gc.enable()
+    return {"rounds": r, "warmup_rounds": warm, "first_round_s": round(first_round, 3),
+            "cpu": {n: summarize(t) for n, t in cpu.items()},
+            "wall": {n: summarize(t) for n, t in wall.items()},
+            "cpu_s": cpu, "wall_s": wall,
+            "cpu_over_wall": {n: round(sum(cpu[n]) / max(sum(wall[n]), 1e-12), 3)
+                              for n in names}}
+
+
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
                      ) -> dict[str, list[float]]:
-    """Wall-clock seconds of each callable, ``repeats`` times, interleaved.
-
-    Every repetition runs each callable once; the order is reversed on every other repetition so
-    neither side always runs first (after the other's memory traffic) or last.
+    """Wall-clock seconds of each callable, ``repeats`` interleaved rounds (:func:`time_rounds`).
 
     Args:
         fns: name → zero-argument callable (run under ``torch.no_grad`` by the caller if needed).
         repeats: timed calls per callable.
-        warmup: untimed calls per callable first (also interleaved).
+        warmup: 1 for one untimed round first, 0 for none.
 
     Returns:
         name → list of ``repeats`` durations in seconds, in call order.
     """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
+    res = time_rounds(fns, min_reps=repeats, max_reps=repeats, warmup=bool(warmup),
+                      first_call=False)
+    return res["wall_s"]
 
 
 def compare_and_time(fns: Mapping[str, Callable[[], Any]], budget_s: float, min_reps: int = 3,
@@ -174,10 +230,12 @@ def compare_and_time(fns: Mapping[str, Callable[[], Any]], budget_s: float, min_
     gc.collect()
     round_s = sum(first.values())
     reps = repeats_for(round_s, budget_s, min_reps, max_reps)
-    times = time_interleaved(fns, repeats=reps, warmup=1 if round_s < 2.0 else 0)
+    res = time_rounds(fns, min_reps=reps, max_reps=reps, warmup=round_s < 2.0, first_call=False)
+    times = res["wall_s"]
     base = times[names[0]]
     return {"rel_error": errors, "first_call_ms": {n: t * 1e3 for n, t in first.items()},
             "times": {n: summarize(t) for n, t in times.items()},
+            "cpu_times": res["cpu"],
             "ratios": {n: paired_ratios(base, t) for n, t in times.items() if n != names[0]}}
 
 

@@ -4,7 +4,8 @@ Shapes: batch 1, 12 heads, head dim 64, fp32, N = 4k, 16k, 32k tokens.
 
   * torch: ``torch.ops.attnopt.linear_attention`` (every feature map, causal and not) vs
     ``F.scaled_dot_product_attention`` (the fused dense kernel). Dense attention at 32k takes
-    tens of seconds here, so it is measured once (``--dense-32k once``) or skipped (``skip``);
+    about a minute a call here: its first call is the warm-up, then 2 timed calls
+    (``--dense-32k once``), or it is skipped (``skip``);
   * peak extra memory of the linear op (a fresh subprocess per point, default allocator);
   * ONNX Runtime at 4k and 16k: the linear op exported with attnopt's translation (target
     ``onnxruntime``) vs an exported exact attention (a module calling SDPA, opset 23 → ONNX
@@ -12,7 +13,8 @@ Shapes: batch 1, 12 heads, head dim 64, fp32, N = 4k, 16k, 32k tokens.
     ONNX ``Attention`` materialises the N×N scores (12·N²·4 bytes: 12.9 GB at 16k); it is
     skipped where that does not fit in the available memory.
 
-Timings are medians of ``--reps`` runs after a warm-up; ratios are taken within this run (the
+Timings (``_common.time_rounds``) are medians of ``--reps`` CPU-time runs after an untimed first
+call and a warm-up (dense attention at 16k / 32k included); ratios are taken within this run (the
 machines are shared and noisy). The script re-executes itself with the allocator settings of
 ``research/platform.md`` (``MALLOC_MMAP_THRESHOLD_=4G MALLOC_TRIM_THRESHOLD_=1e11
 MALLOC_TOP_PAD_=1G``) unless ``--no-malloc-env``; threads: ``--threads`` (default 1) for torch
@@ -59,29 +61,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 from attnopt.variants import linear as lin  # noqa: E402
 from attnopt.variants._feature_maps import FEATURE_MAPS  # noqa: E402
 
 
-def median_time(fn, reps: int, warmup: int = 1, long_s: float = 8.0) -> tuple[float, float]:
-    """Median (wall seconds, CPU seconds) of ``fn()`` over ``reps`` runs after ``warmup`` runs.
+def median_time(fn, reps: int, long_s: float = 30.0) -> tuple[float, float]:
+    """Median (wall seconds, CPU seconds) of ``fn()`` over ``reps`` timed runs.
 
+    :func:`_common.time_rounds` with one callable: an untimed first call, a warm-up call unless
+    the first one took more than ``long_s`` seconds (it was the warm-up then), ``reps`` timed
+    calls. Dense attention at 16k / 32k is timed like everything else (before: once, cold).
     CPU time (``time.process_time``) is what the speedups use: with one thread it is the work
-    done, and unlike wall time it does not grow when other processes share the cores. A warm-up
-    run longer than ``long_s`` wall seconds is taken as the measurement (one run).
+    done, and unlike wall time it does not grow when other processes share the cores.
     """
-    for _ in range(warmup):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if time.perf_counter() - w0 > long_s:
-            return time.perf_counter() - w0, time.process_time() - c0
-    walls, cpus = [], []
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    res = _common.time_rounds({"fn": fn}, min_reps=reps, max_reps=reps, long_round_s=long_s)
+    return (statistics.median(res["wall_s"]["fn"]), statistics.median(res["cpu_s"]["fn"]))
 
 
 def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,10 +108,10 @@ def bench_torch(sizes: list[int], maps: list[str], reps: int, dense_32k: str, bl
         for causal in (False, True):
             dense = None
             if n <= 16384 or dense_32k == "once":
-                r = reps if n <= 4096 else 1
+                r = reps if n <= 16384 else max(2, reps - 1)
                 def sdpa(q=q, k=k, v=v, causal=causal):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                wall, dense = median_time(sdpa, r, warmup=1 if n <= 4096 else 0)
+                wall, dense = median_time(sdpa, r)
                 _emit(rows, {"impl": "torch", "op": "dense SDPA", "n": n, "causal": causal,
                              "ms": dense * 1e3, "wall_ms": wall * 1e3, "reps": r}, save)
             for name in maps:
@@ -334,6 +331,37 @@ def _skip_label(op: str) -> str:
     return "skipped: intermediates do not fit in memory"
 
 
+def _method(env: dict[str, Any]) -> str:
+    if env.get("timing") == "time_rounds":
+        return "a first call and a warm-up (`_common.time_rounds`, dense attention included)"
+    # runs before the shared timing core: dense beyond 4k was timed once, cold
+    return "a warm-up (dense attention at 16k/32k: one run, no warm-up)"
+
+
+def _remeasured_section(rem: dict[str, Any]) -> list[str]:
+    """A later run of some torch points with the shared timing core, shown beside the first."""
+    env, rows = rem["environment"], rem["torch"]
+    sizes = sorted({r["n"] for r in rows})
+    lines = [f"## torch, re-measured on {env['date']} with warm-up for dense too", "",
+             f"{rem.get('why', '')} CPU time, medians of {env['reps']} runs after "
+             f"{_method(env)}; load average {env['load_before']:.0f}.", "",
+             "| op | causal | " + " | ".join(f"N={n // 1024}k" for n in sizes)
+             + " | speedup vs dense | first run's speedup |",
+             "|---|---|" + "---|" * len(sizes) + "---|---|"]
+    for causal in (False, True):
+        for op in dict.fromkeys(r["op"] for r in rows):
+            by_n = {r["n"]: r for r in rows if r["op"] == op and r["causal"] == causal}
+            if not by_n:
+                continue
+            cells = [_fmt(by_n[n]["ms"]) if n in by_n else "–" for n in sizes]
+            sp = ", ".join(f"{_x(by_n[n]['speedup_vs_dense'])} @{n // 1024}k" for n in sizes
+                           if by_n.get(n, {}).get("speedup_vs_dense"))
+            before = ", ".join(f"{_x(r)} @{int(n) // 1024}k" for n, r in
+                               rem.get("first_run_speedups", {}).get(f"{op}|{causal}", {}).items())
+            lines.append(f"| {op} | {causal} | " + " | ".join(cells) + f" | {sp} | {before} |")
+    return lines + [""]
+
+
 def write_markdown(res: dict[str, Any], path: Path) -> None:
     env = res["environment"]
     lines = [
@@ -343,10 +371,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"Threads: **{env['threads']}** (torch intra-op and ORT intra-op; inter-op 1). "
         f"Allocator: `{env['allocator']}`. Batch 1, {HEADS} heads, head dim {DIM}, fp32, "
         f"causal block {env['block']}. Times are **CPU time** (`time.process_time`, one "
-        f"thread: the work done), medians of {env['reps']} runs after a warm-up (dense attention "
-        "at 16k/32k: one run); wall times are in the JSON. The machine is shared (load average "
+        f"thread: the work done), medians of {env['reps']} runs after {_method(env)}; wall times "
+        "are in the JSON. The machine is shared (load average "
         f"{env['load_before']:.1f} at the start, {env.get('load_after', 0):.1f} at the end): wall "
         "times are inflated and noisy, CPU times much less so.", ""]
+    if res.get("remeasured"):
+        lines += _remeasured_section(res["remeasured"])
     torch_rows = res.get("torch") or []
     sizes = sorted({r["n"] for r in torch_rows})
     if not sizes:
@@ -504,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": onnxruntime.__version__, "threads": args.threads,
         "allocator": " ".join(f"{k}={os.environ.get(k, 'default')}" for k in MALLOC_ENV),
         "reps": args.reps, "block": args.block, "load_before": os.getloadavg()[0],
+        "timing": "time_rounds",
         "dense_32k": args.dense_32k}}
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -45,7 +45,6 @@ import argparse
 import collections
 import copy
 import gc
-import itertools
 import json
 import math
 import os
@@ -310,53 +309,8 @@ def _feed(sess, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {n: inputs[n].numpy() for n in names}
 
 
-def time_rounds(fns: dict[str, Any], budget_s: float, min_reps: int, max_reps: int,
-                long_round_s: float = 30.0) -> dict[str, Any]:
-    """CPU and wall time of each callable over interleaved rounds.
-
-    Every round calls each callable once; the order cycles through all permutations, so each
-    callable runs in every position equally often. One untimed warm-up round first (skipped
-    when a round takes more than ``long_round_s`` wall seconds: the outputs were already
-    computed once by the caller). Rounds continue while the next one is expected to end within
-    ``budget_s`` (at least ``min_reps``, at most ``max_reps``). Per call: wall seconds
-    (``time.perf_counter``) and CPU seconds of this process (``time.process_time``: with one
-    intra-op thread and no spinning, the work done; it does not grow when other processes take
-    the core).
-    """
-    names = list(fns)
-    orders = list(itertools.permutations(names))
-    t0 = time.perf_counter()
-    for n in names:
-        fns[n]()
-    first_round = time.perf_counter() - t0
-    warmup = 0
-    if first_round < long_round_s:
-        for n in names[::-1]:
-            fns[n]()
-        warmup = 1
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        r = 0
-        while r < max_reps:
-            elapsed = time.perf_counter() - start
-            if r >= min_reps and elapsed * (r + 1) / r > budget_s:
-                break
-            for n in orders[r % len(orders)]:
-                w0, c0 = time.perf_counter(), time.process_time()
-                fns[n]()
-                cpu[n].append(time.process_time() - c0)
-                wall[n].append(time.perf_counter() - w0)
-            r += 1
-    finally:
-        gc.enable()
-    return {"rounds": r, "warmup_rounds": warmup, "first_round_s": round(first_round, 3),
-            "cpu": {n: _common.summarize(t) for n, t in cpu.items()},
-            "wall": {n: _common.summarize(t) for n, t in wall.items()},
-            "cpu_over_wall": {n: round(sum(cpu[n]) / sum(wall[n]), 3) for n in names}}
+# The timing core is shared by every benchmark (interleaved rounds, warm-up, CPU time).
+time_rounds = _common.time_rounds
 
 
 def timing_worker(kind: str, n: int, paths: dict[str, str], cfg: dict[str, int], threads: int,

@@ -43,6 +43,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common  # noqa: E402
 
 HEADS, DIM = 12, 64
 MiB = 2**20
@@ -126,32 +128,24 @@ def pairs(name: str, n: int) -> tuple[int, int]:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def _measure(fn) -> tuple[float, float]:
-    gc.collect()
-    c0, w0 = time.process_time(), time.perf_counter()
-    fn()
-    return time.process_time() - c0, time.perf_counter() - w0
-
-
 def time_pair(variant, dense, reps: int, dense_reps: int) -> dict[str, Any]:
-    """Interleaved timing of a variant and its baseline (one warm-up each)."""
-    out: dict[str, list] = {"cpu": [], "wall": [], "dense_cpu": [], "dense_wall": []}
-    variant()
-    if dense_reps:
-        dense()
-    for i in range(max(reps, dense_reps)):
-        order = [("", variant), ("dense_", dense)] if i % 2 == 0 else \
-            [("dense_", dense), ("", variant)]
-        for prefix, fn in order:
-            if prefix == "dense_" and i >= dense_reps:
-                continue
-            if prefix == "" and i >= reps:
-                continue
-            c, w = _measure(fn)
-            out[prefix + "cpu"].append(c)
-            out[prefix + "wall"].append(w)
-    return {k: (statistics.median(v) if v else None) for k, v in out.items()} | {
-        "runs": {k: [round(x, 4) for x in v] for k, v in out.items()}}
+    """A variant and its baseline timed by :func:`_common.time_rounds` (first call, warm-up,
+    interleaved rounds): ``dense_reps`` interleaved rounds, then the variant alone for the rest
+    of its ``reps`` (the dense baseline is the slow one)."""
+    both = min(reps, dense_reps)
+    runs: dict[str, list] = {"cpu": [], "wall": [], "dense_cpu": [], "dense_wall": []}
+    if both:
+        res = _common.time_rounds({"": variant, "dense_": dense}, min_reps=both, max_reps=both)
+        for prefix in ("", "dense_"):
+            runs[prefix + "cpu"] += res["cpu_s"][prefix]
+            runs[prefix + "wall"] += res["wall_s"][prefix]
+    if reps > both:
+        res = _common.time_rounds({"": variant}, min_reps=reps - both, max_reps=reps - both,
+                                  first_call=not both, warmup=not both)
+        runs["cpu"] += res["cpu_s"][""]
+        runs["wall"] += res["wall_s"][""]
+    return {k: (statistics.median(v) if v else None) for k, v in runs.items()} | {
+        "runs": {k: [round(x, 4) for x in v] for k, v in runs.items()}}
 
 
 # -- memory (fresh subprocess per case) ------------------------------------------------------------
@@ -278,13 +272,9 @@ def ort_worker(spec: dict[str, Any]) -> dict[str, Any]:
         q, k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(1, n, -1))
                    for x in (q, k, v))
     feed = dict(zip([i.name for i in sess.get_inputs()], (q, k, v)))
-    sess.run(None, feed)
-    cpu, wall = [], []
-    for _ in range(reps):
-        c0, w0 = time.process_time(), time.perf_counter()
-        sess.run(None, feed)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
+    res = _common.time_rounds({"ort": lambda: sess.run(None, feed)}, min_reps=reps,
+                              max_reps=reps, warmup=False)  # the first call is the warm-up
+    cpu, wall = res["cpu_s"]["ort"], res["wall_s"]["ort"]
     ops = sorted({n.op_type for n in __import__("onnx").load_from_string(model).graph.node})
     return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall),
             "runs": [round(x, 4) for x in cpu], "ops": ops[:40]}

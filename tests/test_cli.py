@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def _attnopt(*args: str) -> subprocess.CompletedProcess:
@@ -54,3 +57,93 @@ def test_bad_variant_is_a_clear_error():
     res = _attnopt("optimize", "tiny:llama", "--variant", "sliding_window:windw=8")
     assert res.returncode == 2
     assert "unexpected keyword argument 'windw'" in res.stderr
+
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (much faster than a subprocess): exit code, stdout, stderr."""
+    from attnopt.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse: --version, --help, usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def in_dir(tmp_path, monkeypatch):
+    """Run in ``tmp_path`` with sys.path as the installed console script sees it (no cwd)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    return tmp_path
+
+
+FACTORIES = """
+import pathlib
+import torch
+
+class Attn(torch.nn.Module):
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(-1, -2) * 0.25, -1) @ x
+
+def build():
+    pathlib.Path("built.marker").write_text("loaded")
+    return Attn(), (torch.randn(2, 8, 16),)
+"""
+
+
+def test_version_and_help_explain_every_option(capsys):
+    import argparse
+
+    from attnopt.cli import _parser
+
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and out.startswith("attnopt 0.")
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"inspect", "optimize", "export"}
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.option_strings and action.nargs != 0 and action.choices is None:
+                assert "e.g." in action.help, f"{name} {action.option_strings}: no example"
+        code, text, _ = _run(capsys, name, "--help")
+        assert code == 0 and f"example:\n  attnopt {name} " in text
+
+
+def test_factory_from_the_current_directory_and_options_checked_first(capsys, in_dir):
+    (in_dir / "my_models.py").write_text(FACTORIES)
+    code, _, err = _run(capsys, "optimize", "my_models:build", "--variant", "nope")
+    assert code == 2 and "unknown variant" in err
+    code, _, err = _run(capsys, "export", "my_models:build", "-o", "missing/m.onnx")
+    assert code == 2 and "does not exist" in err
+    assert not (in_dir / "built.marker").exists(), "option errors must come before loading"
+    code, _, err = _run(capsys, "optimize", "my_models:build", "--seq", "64")
+    assert code == 2 and "--seq cannot be applied" in err
+    code, _, err = _run(capsys, "optimize", "my_models:build", "--exact", "layers.*")
+    assert code == 2 and "matches no attention site" in err
+    code, out, err = _run(capsys, "optimize", "my_models:build")
+    assert code == 0, err
+    assert "1 attention sites: 1 fused" in out
+
+
+def test_export_to_a_file_name_writes_hf_files_beside_it(capfd, in_dir):
+    code, out, err = _run(capfd, "export", "tiny:bert", "--static", "--seq", "8", "-o",
+                          "bert.onnx", "--no-fuse")
+    assert code == 0, err
+    assert (in_dir / "bert.onnx").is_file() and not (in_dir / "bert.onnx.onnx").exists()
+    assert json.loads((in_dir / "config.json").read_text())["model_type"] == "bert"
+    assert "torchvision" not in err and "LeafSpec" not in err
+
+
+def test_save_option(capsys, in_dir):
+    import attnopt
+
+    code, _, err = _run(capsys, "optimize", "tiny:bert", "--seq", "8", "--save", "fast.pt2")
+    if hasattr(attnopt, "save"):
+        assert code == 0, err
+        assert attnopt.load(in_dir / "fast.pt2").report.count("fused") == 2
+    else:
+        assert code == 2 and "attnopt.save" in err
+        assert "loading" not in err  # refused before loading the model

@@ -1,17 +1,78 @@
-"""onnxscript building blocks shared by the ONNX translations of attnopt ops.
+"""ONNX building blocks shared by the ONNX translations of attnopt ops (all variants).
 
 Translations receive tensors as onnxscript values whose ``.shape`` / ``.dtype`` are known at
 translation time (dims may be symbolic); everything here keeps symbolic dims symbolic by reading
 sizes with ``Shape`` at run time instead of baking them in.
+
+``op`` (onnxscript's opset 23) and ``ir`` (onnx_ir) are imported on first use: onnxscript and
+onnx_ir take seconds to import and ``import attnopt`` needs neither until something is exported.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
-from onnxscript import opset23 as op
+import numpy as np
+
+from attnopt.errors import ExportError
 
 FLOAT_MIN = -3.4028234663852886e38
+
+
+class _Lazy:
+    """Stands for a module (or module attribute) imported on first attribute access."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._target: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._target is None:
+            self._target = self._load()
+        return getattr(self._target, name)
+
+
+#: onnxscript's ``opset23`` (``op.MatMul(a, b)``), imported on first use.
+op: Any = _Lazy(lambda: importlib.import_module("onnxscript").opset23)
+#: the ``onnx_ir`` module (``ir.DataType.FLOAT``, ``ir.tensor(...)``), imported on first use.
+ir: Any = _Lazy(lambda: importlib.import_module("onnx_ir"))
+
+
+def ints(*values: int) -> Any:
+    """A constant int64 tensor ``[values...]``."""
+    return op.Constant(value_ints=list(values))
+
+
+def scalar_i(value: int) -> Any:
+    """A constant int64 scalar."""
+    return op.Constant(value_int=value)
+
+
+def scalar_f(value: float) -> Any:
+    """A constant float32 scalar."""
+    return op.Constant(value_float=value)
+
+
+def const(array: np.ndarray) -> Any:
+    """A constant tensor holding ``array`` (dtype kept)."""
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+
+
+def static(x: Any, axis: int, what: str, *, who: str = "attention",
+           hint: str = "export with static head counts and sizes") -> int:
+    """Dim ``axis`` of ``x``, which the translation needs as a number.
+
+    Raises:
+        ExportError: the dim is symbolic (or unknown) at translation time.
+    """
+    dim = static_dim(x, axis)
+    if dim is None:
+        got = x.shape[axis] if getattr(x, "shape", None) is not None else None
+        raise ExportError(f"{who} export needs a static {what} (axis {axis}); got {got!r}: "
+                          f"{hint}")
+    return dim
 
 
 def static_dim(x: Any, i: int) -> int | None:
@@ -38,8 +99,6 @@ def rank(x: Any) -> int | None:
 
 def is_bool(x: Any) -> bool:
     """True when ``x`` is a boolean tensor."""
-    import onnx_ir as ir
-
     return getattr(x, "dtype", None) == ir.DataType.BOOL
 
 

@@ -28,8 +28,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from attnopt._inputs import Inputs
+from attnopt._quiet import quiet
 from attnopt.capture import run_rewritten
 from attnopt.errors import ConfigError, ExportError, ValidationError
+from attnopt.export._dim_names import rename_dynamic_dims
 from attnopt.export._registry import ONNX_TARGETS, OPSET, translation_table
 from attnopt.verify import ErrorStats, compare, default_tolerance, model_dtype
 
@@ -93,6 +95,8 @@ class ExportReport:
                  f"{self.file_size / 1e6:.1f} MB"]
         for s in self.sites:
             op = s.attention_op or "decomposed: " + ",".join(s.ops[:6])
+            if s.variant == UNTOUCHED:
+                op = "original ops, no attention op"
             lines.append(f"  site {s.index} {s.location}: {s.variant} -> {op}")
         if self.fusions:
             lines.append("  standard fusions: " + ", ".join(
@@ -224,7 +228,16 @@ def export_onnx(
             _check(onnx_model, unfused or tmp)
         if fuse:
             t0 = time.perf_counter()
-            onnx_model, report.fusions = _standard_fusions(onnx_model, target)
+            untouched = [r.site for r in fast.report.rows
+                         if r.outcome not in ("fused", "rewritten")]
+            onnx_model, report.fusions = _standard_fusions(onnx_model, target,
+                                                           attention=not untouched)
+            if untouched and target == "onnxruntime":
+                report.notes.append(
+                    "attention fusions of the standard ORT rewriter skipped: site(s) "
+                    + ", ".join(f"{s.index} ({s.location})" for s in untouched)
+                    + " stay as the original code, which those fusions would turn into "
+                    "MultiHeadAttention")
             timings["fuse"] = round(time.perf_counter() - t0, 3)
         if fuse or not validate_ort:  # otherwise the checked file at ``tmp`` is this model
             _save(onnx_model, tmp)
@@ -303,7 +316,8 @@ def _check_writable(path: Path) -> None:
 
 def _static_program(fast) -> torch.export.ExportedProgram:
     inputs = fast.example_inputs
-    return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
+    with quiet():
+        return torch.export.export(fast.graph_module, inputs.args, inputs.kwargs, strict=False)
 
 
 def _tensorrt_target(target: str, version: str | None, precision: str | None):
@@ -322,16 +336,18 @@ def _tensorrt_target(target: str, version: str | None, precision: str | None):
 def _convert(program, fast, target: str, table: dict | None = None):
     output_names = _output_names(fast)
     try:
-        onnx_program = torch.onnx.export(
-            program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
-            custom_translation_table=table if table is not None else translation_table(target),
-            output_names=output_names,
-        )
+        with quiet():
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+                custom_translation_table=table if table is not None else translation_table(target),
+                output_names=output_names,
+            )
     except Exception as e:  # noqa: BLE001 - re-raised with a readable summary
         raise ExportError(f"torch.onnx.export failed for target {target!r}: "
                           f"{_summarize_exporter_error(e)}") from e
     model = onnx_program.model
     _fix_static_dims(model)
+    rename_dynamic_dims(model)
     input_names = [v.name for v in model.graph.inputs]
     return model, input_names, [v.name for v in model.graph.outputs]
 
@@ -364,18 +380,43 @@ def _output_names(fast) -> list[str] | None:
     return names or None
 
 
-def _standard_fusions(model, target: str):
-    """Non-attention fusions by maintained rewriters (onnxscript), per target."""
+def _standard_fusions(model, target: str, *, attention: bool = True):
+    """Non-attention fusions by maintained rewriters (onnxscript), per target.
+
+    ``attention=False`` leaves out the rewriter's attention fusions (SDPA, MHA, GQA): sites the
+    user left untouched must not become attention ops behind their back.
+    """
     import onnxscript.optimizer
 
     counts: dict[str, int] = {}
-    onnxscript.optimizer.optimize(model)  # constant folding, dead code
-    if target == "onnxruntime":
-        from onnxscript.rewriter import ort_fusions
+    with quiet():
+        onnxscript.optimizer.optimize(model)  # constant folding, dead code
+        if target == "onnxruntime":
+            if attention:
+                from onnxscript.rewriter import ort_fusions
 
-        model, counts = ort_fusions.optimize_for_ort(model)
-        counts = {k: int(v) for k, v in counts.items() if v}
+                model, counts = ort_fusions.optimize_for_ort(model)
+            else:
+                counts = _ort_fusions_without_attention(model)
+            counts = {k: int(v) for k, v in counts.items() if v}
     return model, counts
+
+
+def _ort_fusions_without_attention(model) -> dict[str, int]:
+    """Onnxscript's ``fuse_xformers`` minus its attention fusions (normalisations and GELU)."""
+    from onnxscript.rewriter.ort_fusions import _core
+
+    _core._pre_optimize(model)
+    counts = {
+        "erf_gelu": _core.fuse_erfgelu(model),
+        "rms_normalization": _core.fuse_rms_normalization(model),
+        "skip_layer_normalization": _core.fuse_skip_layer_normalization(model),
+        "skip_rms_normalization": _core.fuse_skip_rms_normalization(model),
+        "gelu": _core.fuse_gelu(model),
+        "bias_gelu": _core.fuse_bias_gelu(model),
+    }
+    _core.optimize(model)
+    return counts
 
 
 def _save(model, path: Path) -> None:
@@ -409,24 +450,51 @@ def _axes_note(path: Path) -> str:
 
 
 def _sites_in_graph(path: Path, fast) -> list[ExportedSite]:
-    """Group the ONNX nodes by the attnopt op node (fx name) they were translated from."""
+    """Group the ONNX nodes by the attnopt op node (fx name) they were translated from.
+
+    Every site gets a row: rewritten sites with the ONNX ops of their attnopt op, sites left as
+    the original code (override ``None``, reverted) with no attention op.
+    """
     by_fx: dict[str, list[str]] = {}
     for n in _load_nodes(path):
         fx = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.fx_node"), "")
         m = re.match(r"%(\S+) : .*target=torch\.ops\.attnopt\.", fx)
         if m:
             by_fx.setdefault(m.group(1), []).append(n.op_type)
-    program = fast.exported_program()
-    op_nodes = [n.name for n in program.graph.nodes
-                if n.op == "call_function" and str(n.target).startswith("attnopt.")]
-    rows = [r for r in fast.report.rows if r.outcome in ("fused", "rewritten")]
+    fx_of_site = {index: name for name, index in _op_sites(fast, fast.exported_program()).items()}
     out = []
-    for row, fx_name in zip(rows, op_nodes):
-        ops = by_fx.get(fx_name, [])
+    for row in fast.report.rows:
+        if row.outcome not in ("fused", "rewritten"):
+            out.append(ExportedSite(row.site.index, row.site.location, UNTOUCHED, [], None))
+            continue
+        ops = by_fx.get(fx_of_site.get(row.site.index, ""), [])
         attn = next((o for o in ops if o in ATTENTION_OPS), None)
         main = [o for o in dict.fromkeys(ops) if o not in _MAIN_OPS_SKIP]
         out.append(ExportedSite(row.site.index, row.site.location, row.variant or "", main, attn))
     return out
+
+
+UNTOUCHED = "untouched (original code)"
+
+
+def _op_sites(fast, program) -> dict[str, int]:
+    """Fx name of each attnopt op node in ``program`` → the index of the site it computes.
+
+    The rewrite pass stamps each op node of the optimized graph module with its site
+    (``meta["attnopt_site"]``); re-exporting that module traces the same code, so its attnopt
+    ops come out in the same order, which the op targets confirm pair by pair.
+    """
+    def ops(graph):
+        return [n for n in graph.nodes
+                if n.op == "call_function" and str(n.target).startswith("attnopt.")]
+
+    source, exported = ops(fast.graph_module.graph), ops(program.graph)
+    if len(source) != len(exported) or any(a.target != b.target
+                                            for a, b in zip(source, exported)):
+        log.debug("attnopt ops of the exported program do not match the optimized graph's")
+        return {}
+    return {b.name: a.meta["attnopt_site"] for a, b in zip(source, exported)
+            if "attnopt_site" in a.meta}
 
 
 def _validate(path: Path, fast, input_names: list[str], report: ExportReport,
@@ -530,11 +598,12 @@ def _diagnose(path: Path, fast, inputs: Inputs, input_names: list[str], tol: flo
             model.graph.output.append(onnx.ValueInfoProto(name=n))
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outs = sess.run(names, _feed(input_names, inputs))
-        rows = [r for r in fast.report.rows if r.outcome in ("fused", "rewritten")]
-        for i, (n, o) in enumerate(zip(names, outs)):
+        site_of = _op_sites(fast, program)
+        sites = {r.site.index: r.site for r in fast.report.rows}
+        for n, o in zip(names, outs):
             err = compare(values[targets[n]], torch.from_numpy(o)).rel
             if err > tol:
-                site = rows[i].site if i < len(rows) else None
+                site = sites.get(site_of.get(n, -1))
                 label = f"site {site.index} ({site.location})" if site else n
                 return f"; first differing attention: {label}, error {err:.2e}"
         return "; every attention op matches: the difference comes from other ops"

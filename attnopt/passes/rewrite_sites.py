@@ -76,10 +76,16 @@ def rewrite_sites(gm: GraphModule, plan: list[tuple[AttentionSite, Variant, obje
     """Rewrite every (site, variant, fitted state) of ``plan`` in ``gm`` (in place), clean up."""
     for site, variant, state in plan:
         old = site.graph.output
+        before = set(gm.graph.nodes)
         with gm.graph.inserting_before(old):
             new = emit_site(gm.graph, site, variant, lambda n: n, state)
         new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", {})
-        new.meta["attnopt_site"] = site.index
+        # the attnopt op itself may sit before layout ops (heads folded back, out_ops): stamp it
+        # so that exports can pair ONNX nodes with sites
+        for n in gm.graph.nodes:
+            if n not in before and n.op == "call_function" \
+                    and str(n.target).startswith("attnopt."):
+                n.meta["attnopt_site"] = site.index
         old.replace_all_uses_with(new)
         for n in site.graph.interior:  # in-place updates of the replaced scores die with them
             if n.op == "call_function" and _writes(n):

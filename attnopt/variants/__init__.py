@@ -1,5 +1,6 @@
 """Attention variants: one module each, registered by config type (see ``_base``)."""
 
+from attnopt.variants import _autograd
 from attnopt.variants._base import Variant, implementation, registered
 from attnopt.variants.block_topk import BlockTopK
 from attnopt.variants.fused import Fused
@@ -8,6 +9,8 @@ from attnopt.variants.neighborhood2d import Neighborhood2D
 from attnopt.variants.sliding_window import SlidingWindow
 from attnopt.variants.streaming import Streaming
 from attnopt.variants.streaming_heads import StreamingHeads
+
+_autograd.register_all()  # every op's backward, for the variants imported above
 
 __all__ = [
     "BlockTopK",

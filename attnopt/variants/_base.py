@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from attnopt.errors import ConfigError
+from attnopt.errors import ConfigError, VariantNotApplicableError
 
 if TYPE_CHECKING:
     from torch.fx import Graph, Node
@@ -43,6 +43,21 @@ class Variant:
         if cls is None:
             raise ConfigError(f"unknown variant {name!r}; known: {sorted(_BY_NAME)}")
         return cls(**data)
+
+    def can_apply(self, site: AttentionSite, *, raise_error: bool = False) -> str | None:
+        """None when this variant can rewrite ``site``; otherwise the reason it cannot.
+
+        Args:
+            site: a site from ``find_attention`` / ``fast.sites``.
+            raise_error: raise :class:`VariantNotApplicableError` with the reason instead of
+                returning it (for a variant the user forced on the site).
+        """
+        reason = implementation(self).can_apply(self, site)
+        if reason is not None and raise_error:
+            raise VariantNotApplicableError(
+                f"{self.describe()} cannot be applied to site {site.index} ({site.location}): "
+                f"{reason}")
+        return reason
 
     def describe(self) -> str:
         """A short label for reports, e.g. ``SlidingWindow(window=512)``: the first field and
@@ -101,6 +116,9 @@ class VariantImpl(Protocol):
     # q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], mask (or None), causal, scale, and out
     # [B,H,Lq,Dv] (the exact attention output). The returned state reaches ``emit`` as
     # ``ops.state``. Variants without ``fit`` need no calibration.
+    #   wants_fit(config, calibration_given) -> bool   (optional; default: always fit)
+    # says whether to fit at all: a variant that works unfitted (a fixed feature map) fits only
+    # when the user passed calibration data.
 
 
 _REGISTRY: dict[type[Variant], VariantImpl] = {}
@@ -133,3 +151,12 @@ def implementation(config: Variant) -> VariantImpl:
 def registered() -> dict[str, type[Variant]]:
     """All registered variant config classes by name."""
     return dict(_BY_NAME)
+
+
+def wants_fit(config: Variant, calibration_given: bool) -> bool:
+    """True when ``optimize`` should call the variant's ``fit`` (see ``VariantImpl``)."""
+    impl = implementation(config)
+    if not hasattr(impl, "fit"):
+        return False
+    ask = getattr(impl, "wants_fit", None)
+    return True if ask is None else bool(ask(config, calibration_given))

@@ -34,20 +34,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import onnx_ir as ir
 import torch
-from onnxscript import opset23 as op
 
-from attnopt.errors import ExportError
 from attnopt.export import _onnx_ops as ox
+from attnopt.export._onnx_ops import const as _const
+from attnopt.export._onnx_ops import ints as _ints
+from attnopt.export._onnx_ops import ir, op, static
+from attnopt.export._onnx_ops import scalar_f as _scalar_f
+from attnopt.export._onnx_ops import scalar_i as _scalar_i
+from attnopt.export._onnx_ops import static_dim as _static_or_none
 
 if TYPE_CHECKING:
     from attnopt.sites import AttentionSite
 
 #: working-set budget of one chunk's scores (the key / value gathers add at most as much again).
 CHUNK_BYTES = 8 << 20
-#: mask values at or below this are "masked" (same threshold as the matcher's hard fill).
-HARD_FILL = -1.0e4
 NEG_INF = float("-inf")
 #: score rows are padded to a multiple of this many columns: odd row strides halve the speed of
 #: the score matmul (measured: 28 vs 56 GFLOP/s at 1445 vs 1456 columns).
@@ -599,33 +600,8 @@ def band_pairs(lq: int, lk: int, lo: int, hi: int) -> int:
 # ONNX graphs do not fold GQA groups into rows).
 
 
-def _ints(*values: int) -> Any:
-    return op.Constant(value_ints=list(values))
-
-
-def _scalar_i(value: int) -> Any:
-    return op.Constant(value_int=value)
-
-
-def _scalar_f(value: float) -> Any:
-    return op.Constant(value_float=value)
-
-
-def _const(array: np.ndarray) -> Any:
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
-
-
 def _static(x: Any, axis: int, what: str) -> int:
-    dim = ox.static_dim(x, axis)
-    if dim is None:
-        got = x.shape[axis] if x.shape is not None else None
-        raise ExportError(f"sparse attention export needs a static {what} (axis {axis}); got "
-                          f"{got!r}: export with static head counts and sizes")
-    return dim
-
-
-def _static_or_none(x: Any, axis: int) -> int | None:
-    return ox.static_dim(x, axis)
+    return static(x, axis, what, who="sparse attention")
 
 
 def _length(x: Any, axis: int = 2) -> Any:

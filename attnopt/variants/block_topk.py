@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 import torch
-from onnxscript import opset23 as op
 
+from attnopt._match.masks import HARD_FILL
 from attnopt.errors import ConfigError
 from attnopt.export import _onnx_ops as ox
+from attnopt.export._onnx_ops import ints as _ints
+from attnopt.export._onnx_ops import ir, op
+from attnopt.export._onnx_ops import scalar_f as _f
+from attnopt.export._onnx_ops import scalar_i as _i
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -90,7 +93,7 @@ def _key_weights(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None or mask.shape[2] != 1 or mask.shape[3] == 1:
         return None
     m = mask[:, :, 0]
-    keep = m if m.dtype == torch.bool else m > _sparse.HARD_FILL
+    keep = m if m.dtype == torch.bool else m > HARD_FILL
     return keep.float()
 
 
@@ -413,7 +416,7 @@ def block_topk_onnx(q, k, v, attn_mask=None, block: int = 64, topk: int = 1,
     empty = None
     lkm = _sparse._static_or_none(ops.mask, 3) if ops.mask is not None else None
     if ops.mask is not None and ops.key_only and lkm != 1:
-        keep = op.Cast(op.Greater(ops.mask, _f(_sparse.HARD_FILL)), to=fl)  # [Bm, Hm, 1, Lk]
+        keep = op.Cast(op.Greater(ops.mask, _f(HARD_FILL)), to=fl)  # [Bm, Hm, 1, Lk]
         w, _ = _sparse._onnx_blocks(op.Transpose(keep, perm=[0, 1, 3, 2]), block, 1)
         cnt = op.ReduceSum(w, _ints(3), keepdims=0)                    # [Bm, Hm, nkb, 1]
         k_mean = op.Div(op.ReduceSum(op.Mul(kb, w), _ints(3), keepdims=0),
@@ -482,18 +485,6 @@ def _onnx_topk_mask(ops: _sparse.OnnxOperands, block: int, clamped):
     idx = op.Expand(op.Unsqueeze(clamped, _ints(3)),
                     op.Concat(op.Shape(rows, end=4), op.Shape(clamped, start=3), axis=0))
     return op.GatherElements(rows, idx, axis=4)
-
-
-def _ints(*values: int):
-    return op.Constant(value_ints=list(values))
-
-
-def _i(value: int):
-    return op.Constant(value_int=value)
-
-
-def _f(value: float):
-    return op.Constant(value_float=value)
 
 
 def _range(n):

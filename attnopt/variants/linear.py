@@ -38,13 +38,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnxscript import opset23 as op
 
+from attnopt._match.masks import HARD_FILL
 from attnopt.errors import ConfigError, ExportError, VariantNotApplicableError
 from attnopt.export import _onnx_ops as ox
+from attnopt.export._onnx_ops import const as _const
+from attnopt.export._onnx_ops import ints as _ints
+from attnopt.export._onnx_ops import ir, op, static
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _feature_maps as fm
 from attnopt.variants._base import SiteOperands, Variant, register
@@ -67,8 +69,6 @@ CUDA_CHUNK_BYTES = 2 << 30
 CUDA_MIN_BLOCK = 256
 #: the normaliser is clamped to this (all weights are >= 0, so |num| <= den·max|v| always).
 TINY = torch.finfo(torch.float32).tiny
-#: masks whose masked positions are not below this are biases, not padding (same as the matcher).
-HARD_FILL = -1.0e4
 #: a site whose feature dimension times value dimension exceeds this is refused (state too big).
 MAX_STATE = 1 << 20
 
@@ -519,6 +519,13 @@ class LinearImpl:
             linear += lq * min(config.block, lk) * (fdim + dv + 1) / 2
         return float(min(1.0, linear / dense))
 
+    def wants_fit(self, config: Linear, calibration_given: bool) -> bool:
+        """Fixed maps (elu, relu, performer, taylor) work unfitted: they fit a projection only
+        when calibration data is given; ``learned`` always fits (on the example inputs when
+        there is no calibration data, which the report notes).
+        """
+        return calibration_given or config.feature_map == "learned"
+
     def fit(self, config: Linear, site: AttentionSite, samples: list[dict[str, Any]]
             ) -> FittedMaps | None:
         """Fit per-head projections (attention transfer) on ``samples``.
@@ -593,20 +600,7 @@ def _buffer(graph: Graph, site: AttentionSite, key: str, tensor: torch.Tensor) -
 
 
 def _static(value: Any, axis: int, what: str) -> int:
-    dim = ox.static_dim(value, axis)
-    if dim is None:
-        got = value.shape[axis] if value.shape is not None else None
-        raise ExportError(f"linear attention export needs a static {what} (axis {axis}); got "
-                          f"{got!r}: export with static head sizes")
-    return dim
-
-
-def _const(array: np.ndarray) -> Any:
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
-
-
-def _ints(*values: int) -> Any:
-    return op.Constant(value_ints=list(values))
+    return static(value, axis, what, who="linear attention", hint="export with static head sizes")
 
 
 def _onnx_project(x, name: str, scale: float, w, b):

@@ -40,13 +40,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 import torch
 import torch.nn.functional as F
-from onnxscript import opset23 as op
 
 from attnopt._match.grid import GridSearch, TokenGrid, find_grid
 from attnopt.errors import ConfigError
+from attnopt.export._onnx_ops import const as _const
+from attnopt.export._onnx_ops import ints as _ints
+from attnopt.export._onnx_ops import ir, op
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _flex, _sparse
 from attnopt.variants._base import NeedsStaticShapes, SiteOperands, Variant, register
@@ -707,10 +708,3 @@ def _onnx_slots(n, dilation: int, t: int, ntc):
     tile = op.Add(op.Mul(op.Mod(i, _ints(dilation)), ntc), op.Div(ii, _ints(t)))
     return tile, op.Mod(ii, _ints(t))
 
-
-def _ints(*values: int):
-    return op.Constant(value_ints=list(values))
-
-
-def _const(array: np.ndarray):
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
