@@ -70,7 +70,9 @@ class AttentionSite:
         scale: the softmax scale (folded from every mul/div on the path).
         causal: True when a mask was recognised as causal.
         window: a local window recognised in the mask, if any.
-        mask: description of what masks remain (``"padding"``, ``"bias"``, ...).
+        mask: description of what masks remain (``"causal+padding"``, ``"bias"``, ...), for
+            display; code reads ``mask_kinds``.
+        mask_kinds: the same as a tuple of kinds (``("causal", "padding")``; empty: no mask).
         fusable: False when the site is attention but must be left exact.
         reason: why it is not fusable (None when it is).
         softcap: c when the logits are soft-capped as ``c * tanh(scores / c)`` (Gemma-2).
@@ -98,6 +100,7 @@ class AttentionSite:
     fusable: bool = True
     reason: str | None = None
     softcap: float | None = None
+    mask_kinds: tuple[str, ...] = ()
     graph: SiteGraph | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -129,6 +132,7 @@ class AttentionSite:
             "causal": self.causal,
             "window": self.window,
             "mask": self.mask,
+            "mask_kinds": list(self.mask_kinds),
             "dtype": self.dtype,
             "fusable": self.fusable,
             "reason": self.reason,

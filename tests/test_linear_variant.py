@@ -265,7 +265,9 @@ def _site(**changes) -> attnopt.AttentionSite:
                 already_fused=True, kind="self", batch=2, heads=4, kv_heads=2, q_len=128,
                 kv_len=128, head_dim=64, value_dim=64, dynamic=(), scale=0.125, causal=False,
                 window=None, mask="padding", dtype="float32")
-    return attnopt.AttentionSite(**{**base, **changes})
+    fields = {**base, **changes}
+    fields.setdefault("mask_kinds", tuple(k for k in fields["mask"].split("+") if k != "none"))
+    return attnopt.AttentionSite(**fields)
 
 
 @pytest.mark.parametrize("changes, reason", [

@@ -69,10 +69,13 @@ class MaskPlan:
         """True when no mask tensor remains (causal alone needs none)."""
         return not self.bool_terms and not self.float_terms
 
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of mask terms, e.g. ``("causal", "padding")`` (empty: no mask)."""
+        return tuple(dict.fromkeys((["causal"] if self.causal else []) + self.labels))
+
     def describe(self) -> str:
         """A short human description, e.g. ``"causal+padding"``."""
-        parts = (["causal"] if self.causal else []) + self.labels
-        return "+".join(dict.fromkeys(parts)) or "none"
+        return "+".join(self.kinds()) or "none"
 
 
 class _NotAMask(Exception):

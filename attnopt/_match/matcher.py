@@ -780,6 +780,7 @@ class Matcher:
             causal=g.mask.causal,
             window=g.mask.window,
             mask=g.mask.describe(),
+            mask_kinds=g.mask.kinds(),
             dtype=str(dtype(g.q.node)).replace("torch.", ""),
             softcap=g.softcap,
             graph=g,

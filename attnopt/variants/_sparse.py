@@ -566,7 +566,7 @@ class BandPlan:
 
 def site_is_causal(site: AttentionSite) -> bool:
     """True when the site is causal: ``is_causal``-like, or a causal window in its mask."""
-    return site.causal or any(p.startswith("causal") for p in site.mask.split("+"))
+    return site.causal or any(p.startswith("causal") for p in site.mask_kinds)
 
 
 def common_refusal(site: AttentionSite) -> str | None:

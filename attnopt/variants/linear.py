@@ -451,7 +451,7 @@ class LinearImpl:
         if site.window is not None:
             return (f"the site has a local window ({site.window}); linear attention would "
                     "replace it by global attention")
-        parts = set(site.mask.split("+")) - {"none", "causal", "padding"}
+        parts = set(site.mask_kinds) - {"causal", "padding"}
         if parts:
             return (f"linear attention supports only key-padding masks; this site has "
                     f"{site.mask!r} (a bias or a query-dependent mask cannot be applied to the "
