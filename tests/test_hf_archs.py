@@ -23,13 +23,13 @@ from attnopt.report import FUSED
 
 ALL = [f"{a}-{m}" for a in BUILDERS for m in ATTENTION_MODES[a]]
 
-#: sites the matcher does not rewrite yet (issue 10: in-place score ops, baddbmm, score views,
-#: per-head logit scales, soft-capping): each must still be reported with its reason.
-PENDING = {"swinv2-eager"}
+#: architectures whose sites the matcher does not rewrite yet; each must still be reported with
+#: its reason. Empty since Swin-v2 eager (cosine attention with a per-head logit scale) is fused.
+PENDING: set[str] = set()
 
 #: default run: one of each kind of attention code (ALiBi + masked_fill, MQA through SDPA,
 #: alternating sliding-window layers, spatial-reduction keys, DETR's cross attention with
-#: positions on q/k), and one pending architecture.
+#: positions on q/k), and BLOOM's baddbmm + ALiBi.
 DEFAULT = ["mpt-eager", "falcon-sdpa", "gemma3-eager", "segformer-eager", "detr-eager",
            "bloom-eager"]
 
