@@ -145,4 +145,10 @@ def _fit(captured: Captured, candidates: list[tuple[AttentionSite, Variant]], co
         log.info("fitting %s at site %d (%s) on %d batches", variant.describe(), site.index,
                  site.location, len(batches))
         states[site.index] = implementation(variant).fit(variant, site, samples[site.index])
+    # variants whose decision spans sites (e.g. a head budget over the whole model)
+    for variant in dict.fromkeys(v for _, v in to_fit):
+        impl = implementation(variant)
+        if hasattr(impl, "fit_jointly"):
+            group = {s.index: states[s.index] for s, v in to_fit if v == variant}
+            states.update(impl.fit_jointly(variant, group))
     return states

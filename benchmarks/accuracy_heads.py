@@ -1,4 +1,5 @@
-"""StreamingHeads (DuoAttention proxy) vs Streaming vs exact on SmolLM2-135M at 2k tokens.
+"""StreamingHeads (DuoAttention proxy, per site or over the model) vs Streaming vs exact on
+SmolLM2-135M at 2k tokens (``--length 4096`` for 4k).
 
 Perplexity on the GPL-3 text (tokens 0-2048, the same prose as ``accuracy_sparse.py``); the
 heads are calibrated on a different slice of it (tokens 4096-6144). Every attention site gets the
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = [("exact", attnopt.Fused()),
              ("Streaming(4, 256)", attnopt.Streaming(sinks=4, window=256)),
              ("StreamingHeads(4, 256, 0.25)",
-              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25))]
+              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25)),
+             ("StreamingHeads(4, 256, 0.25, scope='model')",
+              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25, scope="model"))]
     rows = []
     for label, variant in cases:
         t0 = time.perf_counter()

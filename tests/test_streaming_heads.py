@@ -59,7 +59,7 @@ def test_op_rejects_a_wrong_head_count():
 
 
 @pytest.mark.parametrize("kw", [{"full_fraction": 1.5}, {"full_fraction": True},
-                                {"sinks": -1}, {"window": 0}])
+                                {"sinks": -1}, {"window": 0}, {"scope": "layer"}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         attnopt.StreamingHeads(**kw)
@@ -81,11 +81,12 @@ def test_proxy_ranks_a_long_range_head_first():
     assert sh.choose_full(torch.tensor([0.1, 0.3, 0.2, 0.0]), 0.5) == (False, True, True, False)
 
 
-def _fast(seq=40):
+def _fast(seq=40, **kw):
     from attnopt.models import build
 
     built = build("tiny:llama", seq=seq)
-    cfg = attnopt.Config(variant=attnopt.StreamingHeads(sinks=2, window=8, full_fraction=0.5))
+    kw = {"full_fraction": 0.5, **kw}
+    cfg = attnopt.Config(variant=attnopt.StreamingHeads(sinks=2, window=8, **kw))
     return attnopt.optimize(built.model, built.inputs, cfg)
 
 
@@ -103,10 +104,45 @@ def test_rewrite_reports_density_and_full_heads():
     assert len(calls) == len(fast.report.rows) and all(c.args[5] == 1 for c in calls)
 
 
-@pytest.mark.parametrize("target", ["onnx", "onnxruntime"])
-def test_onnx_export_matches_torch(target):
+def test_model_scope_ranks_heads_across_sites():
+    impl = sh.StreamingHeadsImpl()
+    states = {0: sh.HeadPlan(full=(True, False), mass=(0.02, 0.01)),
+              1: sh.HeadPlan(full=(True, False), mass=(0.40, 0.30)),
+              2: sh.HeadPlan(full=(True, False), mass=(0.05, 0.35))}
+    per_model = attnopt.StreamingHeads(full_fraction=0.5, scope="model")
+    got = impl.fit_jointly(per_model, states)
+    # the 3 of 6 kv heads with the most mass, wherever they are: site 0 gets none
+    assert [got[i].full for i in range(3)] == [(False, False), (True, True), (False, True)]
+    assert got[1].mass == states[1].mass
+    assert impl.fit_jointly(attnopt.StreamingHeads(full_fraction=0.5), states) == states
+
+
+def test_model_scope_end_to_end_keeps_the_global_budget():
+    from attnopt.models import build
+
+    built = build("tiny:llama", seq=40)
+    cfg = attnopt.Config(variant=attnopt.StreamingHeads(sinks=2, window=8, full_fraction=0.25,
+                                                        scope="model"))
+    fast = attnopt.optimize(built.model, built.inputs, cfg)
+    calls = [n for n in fast.graph_module.graph.nodes
+             if n.target == torch.ops.attnopt.streaming_heads.default]
+    kv_heads = sum(r.site.kv_heads for r in fast.report.rows)
+    assert len(calls) == len(fast.report.rows) >= 2
+    # round(0.25 · 4 kv heads) = 1 full kv head in the whole model
+    assert sum(c.args[5] for c in calls) == round(0.25 * kv_heads) == 1
+    assert all(r.outcome == REWRITTEN and r.error.rel < 10 for r in fast.report.rows)
+
+
+@pytest.mark.parametrize("target,scope", [("onnx", "site"), ("onnxruntime", "site"),
+                                          ("onnxruntime", "model")])
+def test_onnx_export_matches_torch(target, scope):
+    """``scope="model"`` with one full kv head in the model: the other site has none."""
     ort = pytest.importorskip("onnxruntime")
-    fast = _fast()
+    fast = _fast(scope=scope, full_fraction=0.5 if scope == "site" else 0.25)
+    if scope == "model":
+        n_full = [n.args[5] for n in fast.graph_module.graph.nodes
+                  if n.target == torch.ops.attnopt.streaming_heads.default]
+        assert sorted(n_full) == [0, 1]
     program = torch.onnx.export(fast.exported_program(), dynamo=True, opset_version=23,
                                 optimize=False, verbose=False,
                                 custom_translation_table=translation_table(target))

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
     from attnopt.sites import AttentionSite
 
+#: where ``full_fraction`` is counted: per site, or over every site of the model.
+SCOPES = ("site", "model")
+
 #: bytes of one query block's scores in the calibration proxy.
 PROXY_BYTES = 1 << 25
 
@@ -56,6 +59,10 @@ class StreamingHeads(Variant):
         sinks: leading keys every streaming head sees (e.g. 4).
         window: the last ``window`` keys (the query's own included) a streaming head sees.
         full_fraction: fraction of kv heads kept as full (retrieval) heads, in [0, 1].
+        scope: ``"site"``: each site keeps ``full_fraction`` of its own kv heads;
+            ``"model"`` (DuoAttention): ``full_fraction`` of all kv heads of all the sites this
+            config applies to, ranked together by the proxy, so layers that need full heads get
+            more of them and others none.
     """
 
     name = "streaming_heads"
@@ -64,6 +71,7 @@ class StreamingHeads(Variant):
     sinks: int = 4
     window: int = 256
     full_fraction: float = 0.25
+    scope: str = "site"
 
     def __post_init__(self) -> None:
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
@@ -73,6 +81,8 @@ class StreamingHeads(Variant):
         f = self.full_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ConfigError(f"full_fraction must be a number in [0, 1] (e.g. 0.25), got {f!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,20 @@ class StreamingHeadsImpl:
             mass = torch.zeros(hkv)
         return HeadPlan(full=choose_full(mass, config.full_fraction),
                         mass=tuple(float(x) for x in mass))
+
+    def fit_jointly(self, config: StreamingHeads, states: dict[int, HeadPlan]
+                    ) -> dict[int, HeadPlan]:
+        """``scope="model"``: re-choose the full heads of every site fitted with ``config``
+        together, the ``round(full_fraction · total kv heads)`` with the most mass overall.
+        """
+        if config.scope != "model" or not states:
+            return states
+        keys = [(index, h) for index in sorted(states) for h in range(len(states[index].mass))]
+        mass = torch.tensor([states[i].mass[h] for i, h in keys])
+        chosen = dict(zip(keys, choose_full(mass, config.full_fraction)))
+        return {index: HeadPlan(full=tuple(chosen[index, h] for h in range(len(plan.mass))),
+                                mass=plan.mass)
+                for index, plan in states.items()}
 
     def emit(self, config: StreamingHeads, graph: Graph, ops: SiteOperands,
              site: AttentionSite) -> Node:
