@@ -10,6 +10,7 @@ attnopt.save(fast, "model.pt2"); fast = attnopt.load("model.pt2")
 from attnopt import serving  # noqa: F401 - attnopt.serving.write_triton_repository(...)
 from attnopt._archive import load, save
 from attnopt.api import OptimizedModel, find_attention, optimize
+from attnopt.auto import Auto
 from attnopt.config import Config
 from attnopt.errors import (
     AttnoptError,
@@ -50,6 +51,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Auto",
     "AttentionSite",
     "BlockTopK",
     "AttnoptError",

@@ -17,6 +17,7 @@ from attnopt._call import CallSpec
 from attnopt._inputs import Inputs, normalize
 from attnopt._match.evaluate import Evaluator
 from attnopt._match.matcher import Matcher
+from attnopt.auto import Auto, optimize_auto
 from attnopt.capture import Captured, capture
 from attnopt.config import Config, check_overrides
 from attnopt.errors import CaptureError, ConfigError
@@ -62,7 +63,9 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
     Args:
         model: any ``torch.nn.Module`` (put in eval mode for the capture).
         example_inputs: a tuple of positional args, a dict of keyword args, or a tensor.
-        config: what to apply; ``Config()`` (exact fusion everywhere) when None.
+        config: what to apply; ``Config()`` (exact fusion everywhere) when None; or an
+            :class:`attnopt.Auto` accuracy budget, which searches a per-site plan (see
+            ``attnopt.auto``; the plan is ``fast.config``, the search ``fast.report.auto``).
 
     Returns:
         An :class:`OptimizedModel` with a ``report``.
@@ -74,8 +77,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, config: Config | None 
             apply to a site.
     """
     config = Config() if config is None else config
+    if isinstance(config, Auto):
+        return optimize_auto(model, example_inputs, config)
     if not isinstance(config, Config):
-        raise ConfigError(f"config must be an attnopt.Config, got {type(config).__name__}")
+        raise ConfigError(f"config must be an attnopt.Config or an attnopt.Auto budget, got "
+                          f"{type(config).__name__}")
     inputs = normalize(example_inputs)
     timings: dict[str, float] = {}
     with _timed(timings, "capture"):

@@ -68,6 +68,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: the search of an ``attnopt.Auto`` budget (an ``attnopt.auto.AutoResult``), when one ran
+    auto: Any = None
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -97,6 +99,7 @@ class Report:
             "notes": list(self.notes),
             "warnings": list(self.warnings),
             "timings_s": dict(self.timings),
+            **({"auto": self.auto.to_dict()} if self.auto is not None else {}),
         }
 
     def to_json(self, **kwargs: Any) -> str:
