@@ -50,6 +50,7 @@ class Generation:
         new_tokens: decode steps run + 1 (tokens generated per row).
         cache_lengths: per step, the cache slots the graph returned (its presents' length;
             the prefill's holds the whole prompt, eviction comes after it).
+        step_s: per step, seconds (prefill first; eviction included).
     """
 
     sequences: np.ndarray
@@ -58,6 +59,7 @@ class Generation:
     decode_s: float = 0.0
     new_tokens: int = 0
     cache_lengths: list[int] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -188,6 +190,7 @@ class OrtRunner:
             tokens.append(nxt[:, None])
             out.new_tokens = step + 1
             out.cache_lengths.append(state.length)
+            out.step_s.append(dt)
             if eos and not unfinished.any():
                 break
             cur_ids = nxt[:, None].astype(np.int64)
