@@ -9,7 +9,7 @@ attnopt's matcher finds the attention sites of the captured decoder graph (any s
     restricted to a window — the window is read from the mask (the keys the last query sees)
     and then checked on every row, so a model's sliding window is found, not assumed.
 Anything else is refused with the reason. The rewrite replaces the site's output by
-``kv_attention(q, k_new, v_new, past_k, past_v, attention_mask, window, scale)`` and the
+``kv_attention(q, k_new, v_new, past_k, past_v, attention_mask, window, sinks, scale)`` and the
 graph's present outputs by the op's presents; the old cache update, repeat_kv and mask
 subgraph become dead.
 """
@@ -45,6 +45,7 @@ class DecodeSite:
         past_k, past_v, new_k, new_v, cat_k, cat_v: graph nodes of the cache update.
         window: the causal window found in the model's mask (0: none).
         applied_window: the window the export applies (the model's, or a variant's).
+        applied_sinks: leading cache slots every query sees besides the window (``Streaming``).
     """
 
     site: AttentionSite
@@ -57,6 +58,7 @@ class DecodeSite:
     cat_v: Node
     window: int = 0
     applied_window: int = 0
+    applied_sinks: int = 0
 
 
 def cache_update(site: AttentionSite, past: list[Node]) -> DecodeSite | str:
@@ -147,7 +149,7 @@ def rewrite(gm: GraphModule, sites: list[DecodeSite], attention_mask: Node) -> N
             call = graph.call_function(
                 torch.ops.attnopt.kv_attention.default,
                 (ops.q, d.new_k, d.new_v, d.past_k, d.past_v, attention_mask,
-                 int(d.applied_window), float(d.site.scale)))
+                 int(d.applied_window), int(d.applied_sinks), float(d.site.scale)))
             out = graph.call_function(operator.getitem, (call, 0))
             present_k = graph.call_function(operator.getitem, (call, 1))
             present_v = graph.call_function(operator.getitem, (call, 2))

@@ -8,6 +8,17 @@ One session runs prefill (past length 0) and every decode step. Two cache modes:
     present; ``GroupQueryAttention`` appends the new keys in place. Only the ``onnxruntime``
     target can do this (the standard ``Attention`` op always returns a new present).
 
+Bounded cache (``streaming=(sinks, window)``, files whose sites are all ``attnopt.Streaming``):
+in growing mode, once a step leaves more than ``sinks + window - 1`` cache slots, the runner
+keeps the slots ``[0, sinks)`` and the last ``window - 1`` and drops the same columns of the
+``attention_mask`` it passes to the graph. The graph's pattern is in cache-index space, so the
+next query (at index ``sinks + window - 1``) sees exactly its sinks and its recent window, as in
+the whole-sequence variant; ``position_ids`` stay absolute (computed from the full mask). The
+cache, and the memory, are then flat in the generated length. A shared buffer cannot drop slots
+(``GroupQueryAttention`` appends at ``total_sequence_length - 1``), so eviction needs
+``cache="growing"``; without eviction (``evict=False``, onnxruntime-genai, optimum) the same file
+computes the same attention over an unbounded cache.
+
 Greedy by default; ``do_sample=True`` draws from ``softmax(logits / temperature)`` restricted to
 the ``top_k`` best tokens. Rows that emitted ``eos_token_id`` continue with ``pad_token_id``
 and generation stops when every row has finished, as HF ``generate`` does.
@@ -37,6 +48,9 @@ class Generation:
         prefill_s: seconds of the prefill run.
         decode_s: seconds of all decode steps.
         new_tokens: decode steps run + 1 (tokens generated per row).
+        cache_lengths: per step, the cache slots the graph returned (its presents' length;
+            the prefill's holds the whole prompt, eviction comes after it).
+        step_s: per step, seconds (prefill first; eviction included).
     """
 
     sequences: np.ndarray
@@ -44,12 +58,19 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     new_tokens: int = 0
+    cache_lengths: list[int] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens per second per row over the decode steps (prefill excluded)."""
         steps = self.new_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+    @property
+    def max_cache_length(self) -> int:
+        """The longest cache of the decode steps (the prefill excluded; 0 without any)."""
+        return max(self.cache_lengths[1:], default=0)
 
 
 class OrtRunner:
@@ -59,6 +80,8 @@ class OrtRunner:
         path: the ``model.onnx`` file.
         layers, kv_heads, head_dim, value_dim: the cache layout.
         shared_ok: whether the file supports a shared past/present buffer.
+        streaming: ``(sinks, window)`` when every site is ``Streaming`` with these values: the
+            cache can be bounded by eviction (see the module docstring).
         threads: intra-op threads (None: onnxruntime's default).
         spin: let idle onnxruntime threads busy-wait between ops (its default). On cores shared
             with other work, ``False`` was ~1.9x faster for SmolLM2 decode (measured under load;
@@ -67,7 +90,8 @@ class OrtRunner:
 
     def __init__(self, path: str | Path, *, layers: int, kv_heads: int, head_dim: int,
                  value_dim: int, shared_ok: bool, threads: int | None = None,
-                 spin: bool = True, providers: list[str] | None = None) -> None:
+                 spin: bool = True, providers: list[str] | None = None,
+                 streaming: tuple[int, int] | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -82,6 +106,7 @@ class OrtRunner:
         self.layers, self.kv_heads = layers, kv_heads
         self.head_dim, self.value_dim = head_dim, value_dim
         self.shared_ok = shared_ok
+        self.streaming = streaming
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dtype = _np_dtype(self.session.get_inputs()[3].type) if len(
@@ -91,7 +116,7 @@ class OrtRunner:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  cache: str = "growing", max_length: int | None = None, seed: int = 0,
-                 keep_logits: bool = False) -> Generation:
+                 keep_logits: bool = False, evict: bool | None = None) -> Generation:
         """Generate ``max_new_tokens`` tokens after ``input_ids`` (left-padded when batched).
 
         Args:
@@ -104,6 +129,7 @@ class OrtRunner:
             max_length: size of the shared buffer (default prompt + max_new_tokens).
             seed: sampling seed.
             keep_logits: keep every step's logits in the result.
+            evict: bound the cache of a Streaming file (default: whenever the file is one).
         """
         ids = _as_int64(input_ids, "input_ids")
         if ids.ndim != 2 or ids.shape[1] < 1:
@@ -120,6 +146,15 @@ class OrtRunner:
             raise ConfigError("this file cannot share past and present buffers (target 'onnx': "
                               "the standard Attention op returns a new present); use "
                               "cache='growing'")
+        evict = self.streaming is not None if evict is None else evict
+        if evict and self.streaming is None:
+            raise ConfigError("evict=True needs a file whose attention sites are all "
+                              "Streaming(sinks, window) with the same values; this one is not")
+        if evict and cache == "shared":
+            raise ConfigError(
+                "the bounded cache of a Streaming file drops cache slots, which a shared "
+                "past/present buffer cannot: use cache='growing' (or evict=False to run the "
+                "shared buffer unbounded, as onnxruntime-genai does)")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         b, s = ids.shape
@@ -132,14 +167,15 @@ class OrtRunner:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         rng = np.random.default_rng(seed)
-        state = _State(self, b, cache, max_length)
+        state = _State(self, b, cache, max_length, self.streaming if evict else None)
         out = Generation(sequences=ids)
         unfinished = np.ones(b, dtype=bool)
         tokens = [ids]
-        cur_ids, cur_mask = ids, mask
+        cur_ids, cur_mask, graph_mask = ids, mask, mask
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            logits = state.run(cur_ids, cur_mask)
+            logits = state.run(cur_ids, cur_mask, graph_mask)
+            graph_mask = state.evict(graph_mask)
             nxt = _choose(logits, do_sample, temperature, top_k, rng)
             dt = time.perf_counter() - t0
             if step == 0:
@@ -153,10 +189,13 @@ class OrtRunner:
                 unfinished &= ~np.isin(nxt, list(eos))
             tokens.append(nxt[:, None])
             out.new_tokens = step + 1
+            out.cache_lengths.append(state.length)
+            out.step_s.append(dt)
             if eos and not unfinished.any():
                 break
             cur_ids = nxt[:, None].astype(np.int64)
             cur_mask = np.concatenate([cur_mask, np.ones((b, 1), np.int64)], axis=1)
+            graph_mask = np.concatenate([graph_mask, np.ones((b, 1), np.int64)], axis=1)
         out.sequences = np.concatenate(tokens, axis=1)
         return out
 
@@ -164,12 +203,15 @@ class OrtRunner:
 class _State:
     """The IOBinding and cache of one generation."""
 
-    def __init__(self, runner: OrtRunner, batch: int, cache: str, max_length: int | None):
+    def __init__(self, runner: OrtRunner, batch: int, cache: str, max_length: int | None,
+                 streaming: tuple[int, int] | None):
         import onnxruntime as ort
 
         self.r = runner
         self.batch = batch
         self.cache = cache
+        self.streaming = streaming
+        self.length = (max_length or 0) if cache == "shared" else 0
         self.binding = runner.session.io_binding()
         names = []
         for i in range(runner.layers):
@@ -184,15 +226,19 @@ class _State:
             self.past = [ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((batch, runner.kv_heads, 0, d), runner.dtype)) for _, _, d in names]
 
-    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One forward (prefill or decode); returns the last position's logits ``[B, V]``."""
+    def run(self, ids: np.ndarray, mask: np.ndarray, graph_mask: np.ndarray) -> np.ndarray:
+        """One forward (prefill or decode); returns the last position's logits ``[B, V]``.
+
+        ``mask`` is the full ``[B, T]`` mask (absolute positions come from it), ``graph_mask``
+        the mask over the cache slots the graph sees (``mask`` minus evicted columns).
+        """
         io = self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         # HF's positions: cumsum(mask) - 1, and 1 at padding (attnopt.export._decoder_capture)
         pos = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1]:]
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(graph_mask))
         if "position_ids" in self.r.input_names:
             io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
         io.bind_output("logits", "cpu")
@@ -206,7 +252,23 @@ class _State:
         outs = io.get_outputs()  # in binding order: logits, then the presents
         if self.cache == "growing":
             self.past = list(outs[1:])
+            self.length = self.past[0].shape()[2]
         return outs[0].numpy()[:, -1, :]
+
+    def evict(self, graph_mask: np.ndarray) -> np.ndarray:
+        """Keep the cache slots ``[0, sinks)`` and the last ``window - 1``; the mask alike."""
+        if self.streaming is None:
+            return graph_mask
+        import onnxruntime as ort
+
+        sinks, window = self.streaming
+        t = graph_mask.shape[1]
+        if t <= sinks + window - 1:
+            return graph_mask
+        keep = np.r_[0:sinks, t - (window - 1):t]
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+            v.numpy()[:, :, keep])) for v in self.past]
+        return np.ascontiguousarray(graph_mask[:, keep])
 
 
 def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None,

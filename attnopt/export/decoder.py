@@ -19,8 +19,12 @@ the tokenizer files when one is given, and ``genai_config.json``.
 
 Validation: the file runs a short left-padded batch (prefill + decode steps) in onnxruntime and
 its last-position logits are compared with the eager model at every step, for every cache mode
-the target supports. Files are written to a temporary directory and moved into ``out_dir`` only
-after validation.
+the target supports (strictly for exact files; measured only for approximate ones).
+
+``Streaming(sinks, window)`` sites keep the first ``sinks`` cache slots and a causal window over
+the cache (``_kv_attention``): the file computes the whole-sequence ``Streaming`` variant, and
+when every site has the same values the runner bounds the cache by eviction (``_generate``).
+Files are written to a temporary directory and moved into ``out_dir`` only after validation.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class DecodeSiteReport:
     window: int
     applied_window: int
     op: str
+    applied_sinks: int | None = None  # None: not a Streaming site
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data."""
@@ -114,7 +119,17 @@ class DecoderExport:
     @property
     def cache_modes(self) -> tuple[str, ...]:
         """The cache modes the file supports."""
-        return ("shared", "growing") if self.target == "onnxruntime" else ("growing",)
+        if self.target != "onnxruntime" or self.streaming is not None:
+            return ("growing",)  # a bounded (evicting) cache cannot live in a shared buffer
+        return ("shared", "growing")
+
+    @property
+    def streaming(self) -> tuple[int, int] | None:
+        """``(sinks, window)`` when every site is ``Streaming`` with these values (bounded)."""
+        pairs = {(s.applied_sinks, s.applied_window) for s in self.sites}
+        if len(pairs) != 1 or any(s.applied_sinks is None for s in self.sites):
+            return None
+        return pairs.pop()
 
     def runner(self, threads: int | None = None, spin: bool = True) -> OrtRunner:
         """An onnxruntime runner on the file (one per setting, kept); see :class:`OrtRunner`."""
@@ -124,7 +139,7 @@ class DecoderExport:
             self._runners[key] = OrtRunner(
                 self.path, layers=L.layers, kv_heads=L.kv_heads, head_dim=L.head_dim,
                 value_dim=L.value_dim, shared_ok=self.target == "onnxruntime", threads=threads,
-                spin=spin)
+                spin=spin, streaming=self.streaming)
         return self._runners[key]
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
@@ -138,11 +153,12 @@ class DecoderExport:
             attention_mask: ``[B, S]`` with 0 at padding (all ones when None).
             do_sample: sample instead of greedy (``temperature``, ``top_k``, ``seed`` kwargs).
             cache: ``"shared"`` (one max-length buffer, the default for onnxruntime) or
-                ``"growing"``.
+                ``"growing"`` (the default for the onnx target and for Streaming files, whose
+                cache is bounded by eviction; ``evict=False`` runs them unbounded).
             threads: onnxruntime intra-op threads.
             spin: let idle onnxruntime threads busy-wait (False: better on busy shared cores).
             **kwargs: ``eos_token_id`` / ``pad_token_id`` (default: the model's), ``max_length``,
-                ``temperature``, ``top_k``, ``seed``, ``keep_logits``.
+                ``temperature``, ``top_k``, ``seed``, ``keep_logits``, ``evict``.
 
         Returns:
             A :class:`attnopt.export._generate.Generation` (``.sequences``, timings).
@@ -161,10 +177,16 @@ class DecoderExport:
                  f"{'/'.join(self.cache_modes)}"]
         for s in self.sites:
             win = f", window {s.applied_window}" if s.applied_window else ""
+            if s.applied_sinks is not None:
+                win = f", sinks {s.applied_sinks}{win}"
             lines.append(f"  site {s.index} {s.location} (layer {s.layer}) -> {s.op}{win}")
         for mode, err in self.parity.items():
             lines.append(f"  logits vs eager model, {mode} cache: {err:.2e} "
                          f"(tolerance {self.tolerance:.0e})")
+        if self.streaming is not None:
+            sinks, window = self.streaming
+            lines.append(f"  bounded cache (growing mode): {sinks + window - 1} slots kept "
+                         f"(sinks {sinks} + last {window - 1}), {sinks + window} while a step runs")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -195,9 +217,10 @@ def export_decoder(
         out_dir: the directory to write (created; existing files of the same name replaced).
         target: ``"onnxruntime"`` (``GroupQueryAttention``, shared or growing cache) or
             ``"onnx"`` (standard ``Attention``, opset 23, growing cache).
-        config: an :class:`attnopt.Config`: ``Fused()`` (exact, the default) or
+        config: an :class:`attnopt.Config`: ``Fused()`` (exact, the default),
             ``SlidingWindow(window=W)`` (causal window over the cache, approximate unless the
-            model has that window).
+            model has that window) or ``Streaming(sinks=S, window=W)`` (attention sinks plus a
+            causal window, approximate; the runner bounds the cache to ``S + W`` slots).
         tokenizer: saved into the directory when given.
         max_length: ``search.max_length`` in genai_config (default: the model's context).
         fuse: apply the standard non-attention fusions (RMS/layer norm, GELU).
@@ -262,14 +285,22 @@ def export_decoder(
                                layout=layout, tolerance=tol, timings=timings)
         result.sites = [DecodeSiteReport(
             d.site.index, user_location(d.site.location), d.layer, d.window, d.applied_window,
-            "GroupQueryAttention" if target == "onnxruntime" else "Attention")
-            for d in decode_sites]
-        approx = [d for d in decode_sites if d.applied_window != d.window]
+            "GroupQueryAttention" if target == "onnxruntime" else "Attention",
+            d.applied_sinks if streaming else None)
+            for d, streaming in zip(decode_sites, _streaming_sites(config, decode_sites))]
+        approx = [d for d in decode_sites if d.applied_window != d.window or d.applied_sinks]
         if approx:
+            what = (f"sinks {approx[0].applied_sinks} + " if approx[0].applied_sinks else "")
             result.notes.append(
-                f"approximate: {len(approx)} sites use a window the model does not have "
-                f"(window {approx[0].applied_window}, model's {approx[0].window or 'none'}); "
-                "the logits error below is that approximation's")
+                f"approximate: {len(approx)} sites use a pattern the model does not have "
+                f"({what}window {approx[0].applied_window}, model's window "
+                f"{approx[0].window or 'none'}); the logits error below is that approximation's")
+        if any(_streaming_sites(config, decode_sites)):
+            result.notes.append(
+                "Streaming: the graph computes sinks + window over cache slots; attnopt's runner "
+                "bounds the cache (growing mode) when every site has the same sinks and window; "
+                "onnxruntime-genai (shared buffer) and optimum run the same file with the same "
+                "attention but an unbounded cache")
         hf_config = getattr(model, "config", None)
         result.eos_token_id, result.pad_token_id = _special_tokens(model)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
@@ -280,7 +311,7 @@ def export_decoder(
             if validate:
                 t0 = time.perf_counter()
                 staged = DecoderExport(out_dir=tmp, path=tmp / "model.onnx", target=target,
-                                       layout=layout)
+                                       layout=layout, sites=result.sites)
                 _validate(staged, wrapper, layout, ids_pool, result, strict=not approx)
                 timings["validate"] = _since(t0)
             files = _write_side_files(tmp, model, hf_config, tokenizer, layout, decode_sites,
@@ -353,32 +384,48 @@ def _lower_sites(program, wrapper, layout: CacheLayout, ids_pool, config, target
             f"{sorted(set(range(layout.layers)) - covered)}). {why or ''} Decode export needs "
             "every layer's attention to read cat(past, new) and a causal/padding mask")
     for d in found:
-        d.applied_window = _window_for(config, d)
+        d.applied_window, d.applied_sinks = _pattern_for(config, d)
     ds.rewrite(gm, found, placeholders[1])
     return gm, found
 
 
 def _check_variants(config) -> None:
-    from attnopt.variants import Fused, SlidingWindow
+    from attnopt.variants import Fused, SlidingWindow, Streaming
 
     for where, v in [("variant", config.variant), *config.overrides.items()]:
-        if not isinstance(v, (Fused, SlidingWindow)):
+        if not isinstance(v, (Fused, SlidingWindow, Streaming)):
             name = "None (leave exact)" if v is None else v.describe()
-            raise ConfigError(f"decode export supports Fused() and SlidingWindow(window=W); "
-                              f"{where} asks for {name}")
+            raise ConfigError(f"decode export supports Fused(), SlidingWindow(window=W) and "
+                              f"Streaming(sinks=S, window=W); {where} asks for {name}")
         if isinstance(v, SlidingWindow) and v.causal is False:
             raise ConfigError("SlidingWindow(causal=False) would let a decoder see future "
                               "tokens; use causal=None or True for decode export")
 
 
-def _window_for(config, d) -> int:
-    from attnopt.variants import Fused, SlidingWindow
+def _pattern_for(config, d) -> tuple[int, int]:
+    """``(window, sinks)`` the export applies to a site."""
+    from attnopt.variants import Fused, SlidingWindow, Streaming
 
     variant = config.variant_for(user_location(d.site.location))
     if isinstance(variant, Fused):
-        return d.window
+        return d.window, 0
+    if isinstance(variant, Streaming):
+        if d.window:
+            # sinks + window within the model's own window is not one sinks + window pattern
+            raise ConfigError(
+                f"{variant.describe()} on site {user_location(d.site.location)}, which already "
+                f"has a sliding window of {d.window}: the model's window would hide the sinks. "
+                "Use SlidingWindow(window=W) there, or Streaming on a model without a window")
+        return variant.window, variant.sinks
     assert isinstance(variant, SlidingWindow), "checked by _check_variants"
-    return variant.window if not d.window else min(variant.window, d.window)
+    return (variant.window if not d.window else min(variant.window, d.window)), 0
+
+
+def _streaming_sites(config, sites) -> list[bool]:
+    from attnopt.variants import Streaming
+
+    return [isinstance(config.variant_for(user_location(d.site.location)), Streaming)
+            for d in sites]
 
 
 def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bool,
