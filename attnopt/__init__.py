@@ -28,6 +28,7 @@ from attnopt.sites import AttentionSite
 from attnopt.variants import (
     BlockTopK,
     Fused,
+    GroupKV,
     Linear,
     Neighborhood2D,
     SlidingWindow,
@@ -61,6 +62,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Fused",
+    "GroupKV",
     "Linear",
     "Neighborhood2D",
     "OptimizedModel",
