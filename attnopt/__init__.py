@@ -29,6 +29,7 @@ from attnopt.sites import AttentionSite
 from attnopt.variants import (
     BlockTopK,
     Fused,
+    GroupKV,
     Linear,
     Neighborhood2D,
     SlidingWindow,
@@ -63,6 +64,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "Fused",
+    "GroupKV",
     "Linear",
     "Neighborhood2D",
     "OptimizedModel",

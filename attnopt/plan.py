@@ -56,7 +56,7 @@ def plan_sites(captured: Captured, sites: list[AttentionSite], config: Config, t
                          density=impl.density(variant, site, state) if fitted
                          else impl.density(variant, site))
         if fitted:
-            row.note = impl.describe_state(site, state)
+            row.note = impl.describe_state(variant, site, state)
         if site.index in refusals:
             row.note = refusals[site.index] + "; fused exactly instead"
         if config.verify:

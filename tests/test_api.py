@@ -142,6 +142,7 @@ VARIANT_EXAMPLES = {
     "block_topk": lambda: attnopt.BlockTopK(block=16, k=2),
     "neighborhood2d": lambda: attnopt.Neighborhood2D(kernel=3),
     "linear": lambda: attnopt.Linear(feature_map="elu"),
+    "group_kv": lambda: attnopt.GroupKV(groups=2),
 }
 
 

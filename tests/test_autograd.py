@@ -16,6 +16,7 @@ from attnopt.variants import _autograd
 from attnopt.variants._feature_maps import MapParams
 from attnopt.variants.block_topk import reference_block_topk
 from attnopt.variants.fused import reference_attention
+from attnopt.variants.group_kv import reference_group_kv
 from attnopt.variants.linear import reference_quadratic
 from attnopt.variants.neighborhood2d import reference_neighborhood2d
 from attnopt.variants.sliding_window import reference_sliding_window
@@ -68,6 +69,20 @@ def _case(name: str):
                 lambda q, k, v, m: torch.ops.attnopt.streaming_heads(q, k, v, m, full, 1, 2, 3,
                                                                      0.5),
                 lambda q, k, v, m: reference_streaming_heads(q, k, v, m, full, 2, 3, 0.5), {})
+    if name == "group_kv":
+        q, k, v, m = _qkv(7, 9)
+        q = torch.cat([q, q.flip(-2)], dim=1)     # 4 query heads over 2 kv heads, pooled to 1
+        k, v = torch.cat([k, v], dim=1), torch.cat([v, k], dim=1)
+        g = torch.Generator().manual_seed(3)
+        wq = torch.eye(D, dtype=torch.float64) + 0.1 * torch.randn(4, D, D, generator=g,
+                                                                    dtype=torch.float64)
+        wo = torch.eye(D, dtype=torch.float64) + 0.1 * torch.randn(4, D, D, generator=g,
+                                                                    dtype=torch.float64)
+        bo = 0.1 * torch.randn(4, 1, D, generator=g, dtype=torch.float64)
+        return ((q, k, v, m),
+                lambda q, k, v, m: torch.ops.attnopt.group_kv(q, k, v, m, wq, wo, bo, 1, True,
+                                                              0.5),
+                lambda q, k, v, m: reference_group_kv(q, k, v, m, wq, wo, bo, 1, True, 0.5), {})
     if name == "softcap_attention":
         q, k, v, m = _qkv(7, 9)
         # the op computes in fp32: finite differences need a larger step and tolerance
@@ -131,7 +146,8 @@ def test_gradient_matches_dense_reference(name):
     (op(*a).double() * g).sum().backward()
     (ref(*b).double() * g).sum().backward()
     # the exact reference computes in fp32, the linear kernel too; the sparse ones in fp64
-    tol = {"attention": 1e-5, "softcap_attention": 1e-5, "linear_attention": 1e-4}.get(name, 1e-9)
+    tol = {"attention": 1e-5, "softcap_attention": 1e-5, "linear_attention": 1e-4,
+           "group_kv": 1e-5}.get(name, 1e-9)
     for x, y, what in zip(a, b, "qkvm"):
         err = ((x.grad - y.grad).abs().max() / y.grad.abs().max()).item()
         assert err < tol, f"{name}: d/d{what} differs from the reference by {err:.2e}"

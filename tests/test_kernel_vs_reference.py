@@ -13,6 +13,7 @@ from conftest import rel_err
 from attnopt.variants import registered
 from attnopt.variants.block_topk import reference_block_topk
 from attnopt.variants.fused import reference_attention
+from attnopt.variants.group_kv import reference_group_kv
 from attnopt.variants.linear import MapParams, reference_quadratic
 from attnopt.variants.neighborhood2d import reference_neighborhood2d
 from attnopt.variants.sliding_window import reference_sliding_window
@@ -21,6 +22,10 @@ from attnopt.variants.streaming_heads import reference_streaming_heads
 
 B, H, HKV, L, D, SCALE = 2, 4, 2, 37, 16, 0.3  # L = 2 prefix tokens + a 5 x 7 grid
 ops = torch.ops.attnopt
+_g = torch.Generator().manual_seed(3)
+GROUP_MAPS = (torch.eye(D) + 0.1 * torch.randn(H, D, D, generator=_g),
+              torch.eye(D) + 0.1 * torch.randn(H, D, D, generator=_g),
+              0.1 * torch.randn(H, 1, D, generator=_g))
 
 # name -> (kernel(q, k, v, mask), reference(q, k, v, mask), tolerance)
 CHECKS = {
@@ -44,6 +49,10 @@ CHECKS = {
     "neighborhood2d": (
         lambda q, k, v, m: ops.neighborhood2d(q, k, v, m, 3, 1, 5, 7, SCALE),
         lambda q, k, v, m: reference_neighborhood2d(q, k, v, m, 3, 1, (5, 7), SCALE), 1e-5),
+    # two kv heads pooled into one (MQA), with key and output maps
+    "group_kv": (
+        lambda q, k, v, m: ops.group_kv(q, k, v, m, *GROUP_MAPS, 1, False, SCALE),
+        lambda q, k, v, m: reference_group_kv(q, k, v, m, *GROUP_MAPS, 1, False, SCALE), 1e-5),
     "linear": (
         lambda q, k, v, m: ops.linear_attention(q, k, v, m, None, None, None, None, None,
                                                 True, SCALE, "elu", 8),

@@ -4,6 +4,7 @@ from attnopt.variants import _autograd
 from attnopt.variants._base import Variant, implementation, registered
 from attnopt.variants.block_topk import BlockTopK
 from attnopt.variants.fused import Fused
+from attnopt.variants.group_kv import GroupKV
 from attnopt.variants.linear import Linear
 from attnopt.variants.neighborhood2d import Neighborhood2D
 from attnopt.variants.sliding_window import SlidingWindow
@@ -15,6 +16,7 @@ _autograd.register_all()  # every op's backward, for the variants imported above
 __all__ = [
     "BlockTopK",
     "Fused",
+    "GroupKV",
     "Linear",
     "Neighborhood2D",
     "SlidingWindow",

@@ -7,6 +7,7 @@ therefore recomputes the same function with a differentiable implementation and 
 
   * ``attention`` (exact): the op's own body, ``F.scaled_dot_product_attention``, whose autograd
     is SDPA's backward; ``softcap_attention``: its own body (an online softmax in plain torch);
+  * ``group_kv``: its own body (mean pooling, matmuls and the exact ``attention`` op);
   * ``linear_attention``: the chunked torch kernel ``linear_attention_torch`` (the one ``fit``
     trains through): memory linear in the sequence length;
   * the sparse ops (``sliding_window``, ``streaming``, ``streaming_heads``, ``block_topk``,
@@ -36,6 +37,7 @@ from torch._library.custom_ops import CustomOpDef
 from attnopt.variants import _base
 from attnopt.variants import block_topk as _topk
 from attnopt.variants import fused as _fused
+from attnopt.variants import group_kv as _gkv
 from attnopt.variants import linear as _linear
 from attnopt.variants import neighborhood2d as _nbhd
 from attnopt.variants import sliding_window as _window
@@ -65,6 +67,11 @@ def _streaming_heads(q, k, v, attn_mask, full, n_full, sinks, window, scale):
     return _heads.reference_streaming_heads(q, k, v, attn_mask, full, sinks, window, scale)
 
 
+def _group_kv(q, k, v, attn_mask, wq, wo, bo, groups, is_causal, scale):
+    # the op's body is differentiable: mean pooling, matmuls and the exact attention op
+    return _gkv.group_kv._init_fn(q, k, v, attn_mask, wq, wo, bo, groups, is_causal, scale)
+
+
 def _neighborhood2d(q, k, v, attn_mask, kernel, dilation, grid_h, grid_w, scale):
     return _nbhd.reference_neighborhood2d(q, k, v, attn_mask, kernel, dilation, (grid_h, grid_w),
                                           scale)
@@ -75,6 +82,7 @@ def _neighborhood2d(q, k, v, attn_mask, kernel, dilation, grid_h, grid_w, scale)
 _DIFFERENTIABLE: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "attention": (_exact, False),
     "softcap_attention": (_softcap_attention, False),
+    "group_kv": (_group_kv, False),
     "linear_attention": (_linear_attention, False),
     "sliding_window": (_window.reference_sliding_window, True),
     "streaming": (_streaming.reference_streaming, True),

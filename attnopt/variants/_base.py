@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
+
 from attnopt.errors import ConfigError, VariantNotApplicableError
 
 if TYPE_CHECKING:
@@ -119,6 +121,8 @@ class VariantImpl(Protocol):
     #   wants_fit(config, calibration_given) -> bool   (optional; default: always fit)
     # says whether to fit at all: a variant that works unfitted (a fixed feature map) fits only
     # when the user passed calibration data.
+    #   describe_state(config, site, state) -> str | None   (optional)
+    # the report note of a fitted site; a variant with it reports ``density(config, site, state)``.
 
 
 _REGISTRY: dict[type[Variant], VariantImpl] = {}
@@ -160,3 +164,27 @@ def wants_fit(config: Variant, calibration_given: bool) -> bool:
         return False
     ask = getattr(impl, "wants_fit", None)
     return True if ask is None else bool(ask(config, calibration_given))
+
+
+def buffer_node(graph: Graph, site: AttentionSite, base: str, tensor: torch.Tensor) -> Node:
+    """A ``get_attr`` node for ``tensor``, registered once as a buffer of the graph's module.
+
+    A standalone check graph has no owning module: the buffer then goes on the module the site
+    was found in, from which ``GraphModule(root, graph)`` copies it. An existing buffer of the
+    same name and value is reused; another value gets a suffixed name.
+    """
+    owner = graph.owning_module
+    if owner is None and site.graph is not None:
+        owner = site.graph.output.graph.owning_module
+    if owner is None:
+        raise VariantNotApplicableError(f"{base}: no graph module to hold the variant's tensors")
+    tensor = tensor.detach().contiguous()
+    name, i = base, 0
+    while hasattr(owner, name):
+        old = getattr(owner, name)
+        if isinstance(old, torch.Tensor) and old.shape == tensor.shape and torch.equal(old, tensor):
+            return graph.get_attr(name)
+        i += 1
+        name = f"{base}_{i}"
+    owner.register_buffer(name, tensor)
+    return graph.get_attr(name)

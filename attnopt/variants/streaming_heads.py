@@ -313,7 +313,8 @@ class StreamingHeadsImpl:
             frac = sum(state.full) / len(state.full)
         return frac + (1 - frac) * stream
 
-    def describe_state(self, site: AttentionSite, state: HeadPlan | None) -> str | None:
+    def describe_state(self, config: StreamingHeads, site: AttentionSite,
+                       state: HeadPlan | None) -> str | None:
         """The report note: which heads are full."""
         return state.describe(site.gqa_ratio or 1) if isinstance(state, HeadPlan) else None
 
