@@ -49,7 +49,7 @@ from attnopt.export._onnx_ops import ints as _ints
 from attnopt.export._onnx_ops import ir, op, static
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _feature_maps as fm
-from attnopt.variants._base import SiteOperands, Variant, register
+from attnopt.variants._base import SiteOperands, Variant, buffer_node, register
 from attnopt.variants._feature_maps import FeatureMap, FittedMaps, MapParams
 
 if TYPE_CHECKING:
@@ -493,7 +493,9 @@ class LinearImpl:
         scale = float(ops.scale) if ops.scale is not None else site.head_dim ** -0.5
         p = map_params(config, scale, site.head_dim, state, site.heads, site.kv_heads)
         tensors = {"wq": p.wq, "bq": p.bq, "wk": p.wk, "bk": p.bk, "omega": p.omega}
-        nodes = {key: None if t is None else _buffer(graph, site, key, t)
+        nodes = {key: None if t is None else buffer_node(graph, site,
+                                                          f"attnopt_linear_{site.index}_{key}",
+                                                          t.float())
                  for key, t in tensors.items()}
         return graph.call_function(
             torch.ops.attnopt.linear_attention.default,
@@ -569,31 +571,6 @@ def _prepare(sample: dict[str, Any]) -> dict[str, Any]:
     kw = key_weights(sample.get("mask"), q.shape[1], k.shape[1], k.shape[2])
     return {"q": q, "k": k, "v": v, "kw": kw, "causal": bool(sample.get("causal", False)),
             "out": sample["out"].detach().float()}
-
-
-def _buffer(graph: Graph, site: AttentionSite, key: str, tensor: torch.Tensor) -> Node:
-    """A ``get_attr`` node for ``tensor``, registered once as a buffer of the graph's module.
-
-    A standalone check graph has no owning module: the buffer then goes on the module the site
-    was found in, from which ``GraphModule(root, graph)`` copies it.
-    """
-    owner = graph.owning_module
-    if owner is None and site.graph is not None:
-        owner = site.graph.output.graph.owning_module
-    if owner is None:
-        raise VariantNotApplicableError("linear attention needs a graph module to hold its "
-                                        "feature-map tensors")
-    tensor = tensor.detach().float().contiguous()
-    base = f"attnopt_linear_{site.index}_{key}"
-    name, i = base, 0
-    while hasattr(owner, name):
-        old = getattr(owner, name)
-        if isinstance(old, torch.Tensor) and old.shape == tensor.shape and torch.equal(old, tensor):
-            return graph.get_attr(name)
-        i += 1
-        name = f"{base}_{i}"
-    owner.register_buffer(name, tensor)
-    return graph.get_attr(name)
 
 
 # -- ONNX lowering (targets "onnx" and "onnxruntime": standard opset-23 ops) ---------------------

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from attnopt.errors import ConfigError, ExportError, VariantNotApplicableError
+from attnopt.errors import ConfigError, ExportError
 from attnopt.export._registry import onnx_translation
 from attnopt.variants import _sparse
-from attnopt.variants._base import SiteOperands, Variant, register
+from attnopt.variants._base import SiteOperands, Variant, buffer_node, register
 from attnopt.variants.fused import attention, attention_onnx, attention_ort
 from attnopt.variants.streaming import streaming, streaming_onnx, streaming_pairs, streaming_pattern
 
@@ -290,7 +290,8 @@ class StreamingHeadsImpl:
             plan = HeadPlan(full=choose_full(-torch.arange(float(site.kv_heads)),
                                              config.full_fraction),
                             mass=(0.0,) * site.kv_heads)
-        flags = _buffer(graph, site, torch.tensor(plan.full, dtype=torch.bool))
+        flags = buffer_node(graph, site, f"attnopt_heads_{site.index}_full",
+                            torch.tensor(plan.full, dtype=torch.bool))
         scale = float(ops.scale) if ops.scale is not None else site.head_dim ** -0.5
         return graph.call_function(
             torch.ops.attnopt.streaming_heads.default,
@@ -317,26 +318,6 @@ class StreamingHeadsImpl:
                        state: HeadPlan | None) -> str | None:
         """The report note: which heads are full."""
         return state.describe(site.gqa_ratio or 1) if isinstance(state, HeadPlan) else None
-
-
-def _buffer(graph: Graph, site: AttentionSite, tensor: torch.Tensor) -> Node:
-    """A ``get_attr`` node for the head flags, registered as a buffer of the graph's module."""
-    owner = graph.owning_module
-    if owner is None and site.graph is not None:
-        owner = site.graph.output.graph.owning_module
-    if owner is None:
-        raise VariantNotApplicableError("streaming heads need a graph module to hold their "
-                                        "head flags")
-    base = f"attnopt_heads_{site.index}_full"
-    name, i = base, 0
-    while hasattr(owner, name):
-        old = getattr(owner, name)
-        if isinstance(old, torch.Tensor) and torch.equal(old, tensor):
-            return graph.get_attr(name)
-        i += 1
-        name = f"{base}_{i}"
-    owner.register_buffer(name, tensor)
-    return graph.get_attr(name)
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
