@@ -64,7 +64,8 @@ class Auto:
 
     max_ppl_increase: float | None = None
     min_cosine: float | None = None
-    calibration: Any = None
+    # not compared, not saved with a report (attnopt.save): batches of tensors, not settings
+    calibration: Any = field(default=None, compare=False)
     window_fractions: tuple[float, ...] = WINDOW_FRACTIONS
 
     def __post_init__(self) -> None:

@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = torch.tensor(tok(_clean(GPL3.read_text()), add_special_tokens=False)
                             .input_ids[:n])
     calib = torch.tensor(held_out_ids(tok, n))
-    example = {"input_ids": calib[None, :512], "attention_mask": torch.ones(1, 512,
-                                                                            dtype=torch.long)}
-    budget = attnopt.Auto(max_ppl_increase=args.budget, calibration=[
-        {"input_ids": calib[None], "attention_mask": torch.ones(1, n, dtype=torch.long)}])
+    # input_ids only (no attention_mask), as ``nll`` calls the model: the optimized model takes
+    # the arguments it was captured with
+    example = {"input_ids": calib[None, :512]}
+    budget = attnopt.Auto(max_ppl_increase=args.budget,
+                          calibration=[{"input_ids": calib[None]}])
     t0 = time.perf_counter()
     fast = attnopt.optimize(model, example, budget)
     search_s = time.perf_counter() - t0

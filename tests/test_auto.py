@@ -26,7 +26,7 @@ def _llama(length: int):
     return built, calibration
 
 
-def test_an_unreachable_budget_leaves_every_site_exact_and_says_so():
+def test_an_unreachable_budget_leaves_every_site_exact_and_says_so(tmp_path):
     built, calibration = _llama(256)
     fast = attnopt.optimize(built.model, built.inputs,
                             attnopt.Auto(min_cosine=1.0, calibration=calibration))
@@ -35,6 +35,10 @@ def test_an_unreachable_budget_leaves_every_site_exact_and_says_so():
     assert all(isinstance(v, Fused) for v in fast.config.overrides.values())
     assert any("left exact" in n for n in auto.notes), auto.notes
     assert [p for p in auto.points if p.chosen] and auto.value == pytest.approx(1.0, abs=1e-5)
+    # the search travels with the model (its calibration batches do not)
+    loaded = attnopt.load(attnopt.save(fast, tmp_path / "auto.pt2"))
+    assert loaded.report.auto.table() == auto.table()
+    assert loaded.report.auto.budget.calibration is None
 
 
 def test_the_search_keeps_the_budget_and_the_plan_reapplies():
