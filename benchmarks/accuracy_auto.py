@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw results/accuracy_auto.png from results/accuracy_auto.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        _plot(json.loads((RESULTS / "accuracy_auto.json").read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     model, tok = attnopt.models.load_smollm2()
     n = args.length
@@ -65,11 +70,22 @@ def main(argv: list[str] | None = None) -> int:
               "held_out_ppl_increase": held_out,
               "attention_cost": auto.cost, "attention_speedup": 1 / auto.cost}
     (RESULTS / "accuracy_auto.json").write_text(json.dumps(result, indent=1))
-    auto.plot(str(RESULTS / "accuracy_auto.png"))
+    _plot(result)
     print(f"held-out perplexity: exact {result['held_out_ppl_exact']:.3f}, auto "
           f"{result['held_out_ppl_auto']:.3f} ({held_out:+.2%}); attention cost "
           f"{auto.cost:.3f} ({1 / auto.cost:.2f}x lower)")
     return 0
+
+
+def _plot(result: dict) -> None:
+    """The search's points (attention cost vs perplexity increase) from the saved JSON."""
+    from attnopt.auto import AutoPoint, AutoResult
+
+    data = result["auto"]
+    auto = AutoResult(budget=attnopt.Auto(max_ppl_increase=result["budget"]),
+                      metric=data["metric"], exact_value=data["exact_value"],
+                      points=[AutoPoint(**p) for p in data["points"]])
+    auto.plot(str(RESULTS / "accuracy_auto.png"))
 
 
 if __name__ == "__main__":
