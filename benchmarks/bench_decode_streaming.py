@@ -7,11 +7,17 @@ this 2-core machine within the benchmark's budget. Random weights do not change 
 speed; the tokens are meaningless (their equality with the whole-sequence Streaming model is
 checked by ``tests/test_decoder_streaming.py`` on a tiny model, and by the export's validation).
 
-Two exports of the same model (``attnopt.export_decoder``, target onnxruntime, CPU):
+Two exports of the same model (``attnopt.export_decoder``, target onnxruntime, CPU), four rows:
   * **exact**: ``Fused()``, run with onnxruntime's shared past/present buffer (the fastest exact
     mode: ``GroupQueryAttention`` appends in place into a ``[B, H, max_length, D]`` buffer);
-  * **streaming**: ``Streaming(sinks=4, window=256)``, growing mode with eviction (keeps 259
-    slots; every step copies them into a fresh past).
+  * **streaming**: ``Streaming(sinks=4, window=256)``, the cache bounded by eviction (259 slots
+    kept), in three runner settings: growing mode compacted after every step
+    (``evict_every=1``, the runner's only setting before; every step copies the kept slots
+    into a fresh past), growing mode compacted every ``window`` steps (the new default
+    ``evict_every``; onnxruntime still copies the past into a new present every step), and
+    shared mode compacted every ``window`` steps (the new default for onnxruntime files: one
+    515-slot buffer, appended in place, ``window - 1`` slots copied in place every ``window``
+    steps).
 
 Each (mode, total length) runs in a fresh process (``_common.peak_memory_subprocess``): the
 session is created and warmed up, then one greedy generation from a 16-token prompt to
@@ -39,6 +45,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT, TAIL = 16, 128
 
 
+# (row name, export, cache mode, evict_every: None = no eviction, 0 = the default: window)
+MODES = (("exact", "exact", "shared", None),
+         ("streaming", "streaming", "growing", 1),
+         ("streaming", "streaming", "growing", 0),
+         ("streaming", "streaming", "shared", 0))
+
+
 def build(work: Path, hidden: int, layers: int, max_pos: int, sinks: int, window: int) -> dict:
     """Export the exact and the streaming file; return what the children need."""
     import torch
@@ -62,7 +75,6 @@ def build(work: Path, hidden: int, layers: int, max_pos: int, sinks: int, window
         L = res.layout
         out[name] = {"dir": str(res.out_dir), "layers": L.layers, "kv_heads": L.kv_heads,
                      "head_dim": L.head_dim, "streaming": res.streaming,
-                     "cache": res.cache_modes[0] if name == "streaming" else "shared",
                      "export_s": round(time.perf_counter() - t0, 1),
                      "parity_vs_eager": res.parity, "table": res.table()}
         print(res.table(), flush=True)
@@ -70,7 +82,7 @@ def build(work: Path, hidden: int, layers: int, max_pos: int, sinks: int, window
 
 
 def setup(dir: str, layers: int, kv_heads: int, head_dim: int, streaming, cache: str,
-          total: int, threads: int):
+          evict_every: int | None, total: int, threads: int):
     """A warmed-up runner; ``run()`` generates from 16 tokens to ``total`` (measured)."""
     import numpy as np
 
@@ -80,15 +92,17 @@ def setup(dir: str, layers: int, kv_heads: int, head_dim: int, streaming, cache:
                        head_dim=head_dim, value_dim=head_dim, shared_ok=True, threads=threads,
                        streaming=tuple(streaming) if streaming else None)
     ids = np.random.default_rng(0).integers(3, 1024, (1, PROMPT))
-    runner.generate(ids, 8, cache=cache)  # warm-up
+    kw = {"cache": cache, "evict_every": evict_every}
+    runner.generate(ids, 8, **kw)  # warm-up
     info: dict = {}
 
     def run():
-        g = runner.generate(ids, total - PROMPT, cache=cache)
+        g = runner.generate(ids, total - PROMPT, **kw)
         tail = g.step_s[-TAIL:]
         info.update(tokens_per_s_at_end=len(tail) / sum(tail),
                     decode_tokens_per_s=g.decode_tokens_per_s,
-                    max_cache_length=max(g.cache_lengths), new_tokens=g.new_tokens,
+                    max_cache_length=max(g.cache_lengths), cache_capacity=g.cache_capacity,
+                    new_tokens=g.new_tokens,
                     tokens=g.sequences[0, PROMPT:].tolist())
         return g
 
@@ -118,23 +132,28 @@ def main() -> None:
                         for k, v in files.items()}}
     rows = []
     for total in args.totals:
-        for name, f in files.items():
-            kwargs = {k: f[k] for k in ("dir", "layers", "kv_heads", "head_dim", "streaming",
-                                        "cache")}
+        for name, export, cache, every in MODES:
+            f = files[export]
+            every = args.window if every == 0 else every
+            kwargs = {k: f[k] for k in ("dir", "layers", "kv_heads", "head_dim", "streaming")}
             res = _common.peak_memory_subprocess(
-                __file__, "setup", {**kwargs, "total": total, "threads": args.threads},
-                profile=False)
-            row = {"total": total, "mode": name, "cache": f["cache"], **res}
+                __file__, "setup", {**kwargs, "cache": cache, "evict_every": every,
+                                    "total": total, "threads": args.threads}, profile=False)
+            row = {"total": total, "mode": name, "cache": cache, "evict_every": every, **res}
             rows.append(row)
             short = {k: v for k, v in row.items() if k != "info"}
             short.update({k: v for k, v in res.get("info", {}).items() if k != "tokens"})
             print(json.dumps(short, default=str), flush=True)
     for total in args.totals:
-        pair = {r["mode"]: r.get("info", {}).get("tokens") for r in rows if r["total"] == total}
-        a, b = pair.get("exact"), pair.get("streaming")
-        if a and b:
+        here = [r for r in rows if r["total"] == total and r.get("info", {}).get("tokens")]
+        exact = [r["info"]["tokens"] for r in here if r["mode"] == "exact"]
+        stream = [r["info"]["tokens"] for r in here if r["mode"] == "streaming"]
+        if exact and stream:
             info.setdefault("first_token_difference", {})[total] = next(
-                (i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                (i for i, (x, y) in enumerate(zip(exact[0], stream[0])) if x != y), None)
+        if len(stream) > 1:
+            info.setdefault("streaming_rows_same_tokens", {})[total] = all(
+                t == stream[0] for t in stream)
     for r in rows:
         r.get("info", {}).pop("tokens", None)
     info["rows"] = rows
@@ -154,37 +173,47 @@ def markdown(info: dict) -> str:
         "slow to decode to 8k tokens on this machine's 2 shared cores. onnxruntime CPU, "
         f"{info['threads']} threads, batch 1, greedy from a {info['prompt']}-token prompt to "
         f"the total length. exact: `Fused()`, shared past/present buffer (in place); "
-        f"streaming: `Streaming(sinks={info['sinks']}, window={info['window']})`, growing "
-        "cache with eviction. One fresh process per row; peak RSS growth = peak resident set "
+        f"streaming: `Streaming(sinks={info['sinks']}, window={info['window']})` with the "
+        f"cache bounded by eviction ({info['sinks'] + info['window'] - 1} slots kept), "
+        "compacted every `evict_every` steps, in a growing (a new present per step) or a "
+        "shared (in place) buffer. One fresh process per row; peak RSS growth = peak resident "
+        "set "
         "during the generation minus the resident set before it (session built and warmed "
         f"up); tokens/s over the last {info['tail_steps']} steps (context ≈ total). The cores "
         "are shared with other jobs (load average "
         f"{info['machine'].get('load_average_1_5_15')}): speeds are noisy.",
         "",
-        "| total tokens | mode | cache | max cache slots | peak RSS growth MiB | "
-        "tokens/s at the end | decode tokens/s (mean) |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        "| total tokens | mode | cache | evict_every | max cache slots | allocated slots | "
+        "peak RSS growth MiB | tokens/s at the end | decode tokens/s (mean) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in info["rows"]:
         if "error" in r:
-            lines.append(f"| {r['total']} | {r['mode']} | {r['cache']} | – | – | – | "
+            lines.append(f"| {r['total']} | {r['mode']} | {r['cache']} | – | – | – | – | – | "
                          f"{r['error'][:80]} |")
             continue
         i = r["info"]
-        lines.append(f"| {r['total']} | {r['mode']} | {r['cache']} | {i['max_cache_length']} | "
+        every = r.get("evict_every") or "–"
+        lines.append(f"| {r['total']} | {r['mode']} | {r['cache']} | {every} | "
+                     f"{i['max_cache_length']} | {i.get('cache_capacity', '–')} | "
                      f"{r['rss_peak_extra_mb']:.1f} | {i['tokens_per_s_at_end']:.1f} | "
                      f"{i['decode_tokens_per_s']:.1f} |")
     diff = info.get("first_token_difference")
     if diff:
         lines += ["", "First generated token where streaming differs from exact (random weights,"
                   f" so only a sanity check that the approximation is in effect): {diff}."]
-    lines += ["", "Reading: the bounded cache keeps memory and speed flat in the context; per "
-              "step it copies its kept slots (growing mode: `GroupQueryAttention` copies the "
-              "past into a new present, and eviction copies the kept slots into a new past), "
-              "while the exact shared buffer appends in place, so at short contexts the exact "
-              "file decodes faster. Allocations of the measuring processes are fresh mmaps "
-              "(`MALLOC_MMAP_THRESHOLD_`, see `_common.py`), so those per-step copies "
-              "likely cost page faults a default allocator would avoid (not measured separately).",
+    same = info.get("streaming_rows_same_tokens")
+    if same:
+        lines += ["", f"The streaming rows generated the same tokens as each other: {same}."]
+    lines += ["", "Reading: the bounded cache keeps memory and speed flat in the context. "
+              "Compacted after every step in a growing buffer it copies its kept slots twice "
+              "per step (`GroupQueryAttention` copies the past into a new present, eviction "
+              "copies the kept slots into a new past); compacting every `window` steps removes "
+              "one of the two copies, and the shared buffer removes both (the kernel appends in "
+              "place; `window - 1` slots are moved in place every `window` steps). Allocations "
+              "of the measuring processes are fresh mmaps (`MALLOC_MMAP_THRESHOLD_`, see "
+              "`_common.py`), so per-step copies also cost page faults a default allocator "
+              "would avoid.",
               "", "Without eviction (onnxruntime-genai's shared buffer, optimum) the streaming "
               "file computes the same attention but its cache grows like the exact one.", ""]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Streaming(sinks, window) in decoder export: the op's sinks, a bounded (evicting) cache whose
-tokens and logits equal the whole-sequence Streaming model's, both targets, typed refusals."""
+tokens and logits equal the whole-sequence Streaming model's, both targets, shared and growing
+buffers, compaction every step or amortised (``evict_every``), typed refusals."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from attnopt.variants.streaming import streaming_pattern
 
 VOCAB, PROMPT, NEW, PAD = 120, 12, 40, 3
 SINKS, WINDOW = 2, 8
+KEPT = SINKS + WINDOW - 1
 
 
 def _llama():
@@ -105,6 +107,22 @@ def _export(llama, path, target):
     return attnopt.export_decoder(llama, {"input_ids": ids}, path, target=target, config=cfg)
 
 
+def _lengths(every: int) -> list[int]:
+    """``Generation.cache_lengths`` of a bounded cache compacted at ``KEPT + every`` slots."""
+    out, t = [], PROMPT
+    for _ in range(NEW):
+        out.append(t)
+        t = (KEPT if t >= KEPT + every else t) + 1
+    return out
+
+
+def _same(a, b) -> None:
+    """Two generations: the same tokens, logits within 1e-5 (only summation order differs)."""
+    assert np.array_equal(a.sequences, b.sequences)
+    assert max(float(np.abs(x - y).max() / np.abs(x).max())
+               for x, y in zip(a.logits, b.logits)) <= 1e-5
+
+
 def _check_bounded(res, whole_sequence, **kwargs):
     """Greedy tokens and every step's logits (1e-4) equal the whole-sequence Streaming model's.
 
@@ -129,34 +147,51 @@ def test_onnxruntime_bounded_cache_equals_whole_sequence_streaming(llama, whole_
                                                                     tmp_path):
     res = _export(llama, tmp_path / "s", "onnxruntime")
     assert res.streaming == (SINKS, WINDOW)
-    assert res.cache_modes == ("growing",)
+    assert res.cache_modes == ("shared", "growing")
     assert [(s.applied_sinks, s.applied_window, s.window) for s in res.sites] == \
         [(SINKS, WINDOW, 0)] * 2
     assert any("approximate" in n and "sinks 2" in n for n in res.notes)
     assert any("genai" in n and "unbounded" in n for n in res.notes)
     assert "sinks 2, window 8" in res.table() and "bounded cache" in res.table()
-    assert set(res.parity) == {"growing"}  # measured vs the eager model, not enforced
+    assert set(res.parity) == {"shared", "growing"}  # measured vs eager, not enforced
     m = onnx.load(str(res.path), load_external_data=False)
     gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
     assert [a.i for n in gqa for a in n.attribute if a.name == "local_window_size"] == [-1, -1]
 
-    gen = _check_bounded(res, whole_sequence)  # growing with eviction: the default
+    # the default: a shared buffer compacted in place every WINDOW steps
+    gen = _check_bounded(res, whole_sequence)
+    assert gen.cache_lengths == _lengths(WINDOW) and gen.max_cache_length == KEPT + WINDOW
+    assert gen.cache_capacity == KEPT + WINDOW  # never more, whatever the generated length
+    # eviction after every step (growing mode): the same tokens
+    every_step = _check_bounded(res, whole_sequence, cache="growing", evict_every=1)
     # the presents: the prompt at prefill, then the kept slots + the new token at every step
-    assert gen.cache_lengths == [PROMPT] + [SINKS + WINDOW] * (NEW - 1)
+    assert every_step.cache_lengths == [PROMPT] + [KEPT + 1] * (NEW - 1)
+    _same(every_step, gen)
+    # shared every 2 steps: a prompt longer than KEPT + 2 sizes the buffer, then is compacted;
+    # the in-place copy overlaps its source (2 < WINDOW - 1)
+    short = _check_bounded(res, whole_sequence, evict_every=2)
+    assert short.cache_lengths == _lengths(2) and short.cache_capacity == PROMPT
+    _same(every_step, short)
+    _same(every_step, _check_bounded(res, whole_sequence, cache="growing"))
     # without eviction the same file computes the same attention (genai's shared buffer)
     unbounded = _check_bounded(res, whole_sequence, cache="shared", evict=False)
-    assert unbounded.max_cache_length == PROMPT + NEW
-    with pytest.raises(ConfigError, match="growing"):
-        res.generate(_prompt()[0], 2, cache="shared")
+    assert unbounded.max_cache_length == PROMPT + NEW - 1  # the last token is not fed back
+    assert unbounded.cache_capacity == PROMPT + NEW
+    ids, mask = _prompt()
+    with pytest.raises(ConfigError, match="evict_every"):
+        res.generate(ids, 2, attention_mask=mask, evict_every=0)
+    with pytest.raises(ConfigError, match="max_length 10 < the 17 slots"):
+        res.generate(ids, 20, attention_mask=mask, max_length=10)
 
 
 def test_onnx_target_bounded_cache(llama, whole_sequence, tmp_path):
     res = _export(llama, tmp_path / "o", "onnx")
     m = onnx.load(str(res.path), load_external_data=False)
     assert "Attention" in {n.op_type for n in m.graph.node}
-    gen = _check_bounded(res, whole_sequence)
-    assert gen.cache_lengths == [PROMPT] + [SINKS + WINDOW] * (NEW - 1)
-    assert gen.max_cache_length == SINKS + WINDOW
+    assert res.cache_modes == ("growing",)
+    gen = _check_bounded(res, whole_sequence)  # growing, compacted every WINDOW steps
+    assert gen.cache_lengths == _lengths(WINDOW) and gen.max_cache_length == KEPT + WINDOW
+    _same(gen, _check_bounded(res, whole_sequence, evict_every=1))
 
 
 # -- (d) refusals --------------------------------------------------------------------------------

@@ -9,15 +9,25 @@ One session runs prefill (past length 0) and every decode step. Two cache modes:
     target can do this (the standard ``Attention`` op always returns a new present).
 
 Bounded cache (``streaming=(sinks, window)``, files whose sites are all ``attnopt.Streaming``):
-in growing mode, once a step leaves more than ``sinks + window - 1`` cache slots, the runner
-keeps the slots ``[0, sinks)`` and the last ``window - 1`` and drops the same columns of the
-``attention_mask`` it passes to the graph. The graph's pattern is in cache-index space, so the
-next query (at index ``sinks + window - 1``) sees exactly its sinks and its recent window, as in
-the whole-sequence variant; ``position_ids`` stay absolute (computed from the full mask). The
-cache, and the memory, are then flat in the generated length. A shared buffer cannot drop slots
-(``GroupQueryAttention`` appends at ``total_sequence_length - 1``), so eviction needs
-``cache="growing"``; without eviction (``evict=False``, onnxruntime-genai, optimum) the same file
-computes the same attention over an unbounded cache.
+let ``K = sinks + window - 1``. The graph's pattern is in cache-index space: the query in slot
+``i`` sees the slots ``j < sinks`` and ``i - j < window``, so the slots between the sinks and the
+window are hidden by the graph's own mask. The runner therefore lets the cache grow to
+``K + evict_every`` slots (default ``evict_every = window``) and only then compacts it to ``K``:
+it keeps the slots ``[0, sinks)`` and the last ``window - 1`` and drops the same columns of the
+``attention_mask`` it passes to the graph. Every query still sees exactly its sinks and its
+recent window, as in the whole-sequence variant (``evict_every=1`` compacts after every step;
+the tokens are the same, the logits equal up to float summation order); ``position_ids`` stay
+absolute (computed from the full mask). The cache, and the memory, are then flat in the
+generated length.
+  * ``"shared"`` (the default for Streaming files of the ``onnxruntime`` target): one buffer of
+    ``max(prompt, K + evict_every)`` slots per cache tensor, a numpy array wrapped without copy
+    by ``OrtValue.ortvalue_from_numpy`` (CPU) and bound as past and present; the kernel appends
+    in place at ``total_sequence_length - 1`` (the graph mask's length) and compaction is an
+    in-place slice copy of ``window - 1`` slots every ``evict_every`` steps.
+  * ``"growing"``: onnxruntime copies the past into a new present every step anyway; compaction
+    makes a new past of the kept slots.
+Without eviction (``evict=False``, onnxruntime-genai, optimum) the same file computes the same
+attention over an unbounded cache.
 
 Greedy by default; ``do_sample=True`` draws from ``softmax(logits / temperature)`` restricted to
 the ``top_k`` best tokens. Rows that emitted ``eos_token_id`` continue with ``pad_token_id``
@@ -48,8 +58,11 @@ class Generation:
         prefill_s: seconds of the prefill run.
         decode_s: seconds of all decode steps.
         new_tokens: decode steps run + 1 (tokens generated per row).
-        cache_lengths: per step, the cache slots the graph returned (its presents' length;
-            the prefill's holds the whole prompt, eviction comes after it).
+        cache_lengths: per step, the cache slots in use after the graph ran (its
+            ``total_sequence_length``: the prefill's holds the whole prompt; compaction of a
+            bounded cache comes after it).
+        cache_capacity: slots allocated per cache tensor: the shared buffer's length, or the
+            longest present of a growing cache.
         step_s: per step, seconds (prefill first; eviction included).
     """
 
@@ -59,6 +72,7 @@ class Generation:
     decode_s: float = 0.0
     new_tokens: int = 0
     cache_lengths: list[int] = field(default_factory=list)
+    cache_capacity: int = 0
     step_s: list[float] = field(default_factory=list)
 
     @property
@@ -116,7 +130,8 @@ class OrtRunner:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  cache: str = "growing", max_length: int | None = None, seed: int = 0,
-                 keep_logits: bool = False, evict: bool | None = None) -> Generation:
+                 keep_logits: bool = False, evict: bool | None = None,
+                 evict_every: int | None = None) -> Generation:
         """Generate ``max_new_tokens`` tokens after ``input_ids`` (left-padded when batched).
 
         Args:
@@ -126,10 +141,14 @@ class OrtRunner:
             do_sample, temperature, top_k: sampling instead of greedy.
             eos_token_id, pad_token_id: stop token(s) and the filler after them.
             cache: ``"growing"`` or ``"shared"`` (see the module docstring).
-            max_length: size of the shared buffer (default prompt + max_new_tokens).
+            max_length: size of the shared buffer (default prompt + max_new_tokens, or with
+                eviction ``max(prompt, sinks + window - 1 + evict_every)``).
             seed: sampling seed.
             keep_logits: keep every step's logits in the result.
             evict: bound the cache of a Streaming file (default: whenever the file is one).
+            evict_every: with eviction, compact the cache every this many steps, letting it
+                grow to ``sinks + window - 1 + evict_every`` slots (default ``window``; 1:
+                after every step). Same tokens whatever the value (see the module docstring).
         """
         ids = _as_int64(input_ids, "input_ids")
         if ids.ndim != 2 or ids.shape[1] < 1:
@@ -150,24 +169,33 @@ class OrtRunner:
         if evict and self.streaming is None:
             raise ConfigError("evict=True needs a file whose attention sites are all "
                               "Streaming(sinks, window) with the same values; this one is not")
-        if evict and cache == "shared":
-            raise ConfigError(
-                "the bounded cache of a Streaming file drops cache slots, which a shared "
-                "past/present buffer cannot: use cache='growing' (or evict=False to run the "
-                "shared buffer unbounded, as onnxruntime-genai does)")
+        bound = None
+        if evict:
+            sinks, window = self.streaming
+            evict_every = window if evict_every is None else evict_every
+            if not isinstance(evict_every, int) or evict_every < 1:
+                raise ConfigError(f"evict_every must be an int >= 1, got {evict_every!r}")
+            bound = (sinks, window, evict_every)
+        elif evict_every is not None:
+            raise ConfigError("evict_every needs eviction (a Streaming file, evict not False)")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         b, s = ids.shape
         total_max = s + max_new_tokens
         if cache == "shared":
-            max_length = max_length or total_max
-            if max_length < total_max:
-                raise ConfigError(f"max_length {max_length} < prompt {s} + {max_new_tokens} new "
-                                  "tokens")
+            # the last token is not fed back: the graph sees at most total_max - 1 slots
+            need = total_max
+            if bound:
+                need = max(s, min(total_max, bound[0] + bound[1] - 1 + bound[2]))
+            max_length = max_length or need
+            if max_length < need:
+                raise ConfigError(f"max_length {max_length} < the {need} slots this generation "
+                                  f"needs (prompt {s}, {max_new_tokens} new tokens"
+                                  f"{', bounded cache' if bound else ''})")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         rng = np.random.default_rng(seed)
-        state = _State(self, b, cache, max_length, self.streaming if evict else None)
+        state = _State(self, b, cache, max_length, bound)
         out = Generation(sequences=ids)
         unfinished = np.ones(b, dtype=bool)
         tokens = [ids]
@@ -197,34 +225,38 @@ class OrtRunner:
             cur_mask = np.concatenate([cur_mask, np.ones((b, 1), np.int64)], axis=1)
             graph_mask = np.concatenate([graph_mask, np.ones((b, 1), np.int64)], axis=1)
         out.sequences = np.concatenate(tokens, axis=1)
+        out.cache_capacity = state.capacity if cache == "shared" else max(out.cache_lengths)
         return out
 
 
 class _State:
-    """The IOBinding and cache of one generation."""
+    """The IOBinding and cache of one generation.
+
+    ``bound``: ``(sinks, window, evict_every)`` for a bounded cache, else None.
+    """
 
     def __init__(self, runner: OrtRunner, batch: int, cache: str, max_length: int | None,
-                 streaming: tuple[int, int] | None):
+                 bound: tuple[int, int, int] | None):
         import onnxruntime as ort
 
         self.r = runner
         self.batch = batch
         self.cache = cache
-        self.streaming = streaming
-        self.length = (max_length or 0) if cache == "shared" else 0
+        self.bound = bound
+        self.length = 0
+        self.capacity = (max_length or 0) if cache == "shared" else 0
         self.binding = runner.session.io_binding()
         names = []
         for i in range(runner.layers):
             names += [(f"past_key_values.{i}.key", f"present.{i}.key", runner.head_dim),
                       (f"past_key_values.{i}.value", f"present.{i}.value", runner.value_dim)]
         self.names = names
-        if cache == "shared":
-            self.past = [ort.OrtValue.ortvalue_from_numpy(
-                np.zeros((batch, runner.kv_heads, max_length, d), runner.dtype))
-                for _, _, d in names]
-        else:
-            self.past = [ort.OrtValue.ortvalue_from_numpy(
-                np.zeros((batch, runner.kv_heads, 0, d), runner.dtype)) for _, _, d in names]
+        # shared: the kernel writes through these OrtValues into the numpy arrays (CPU
+        # ortvalue_from_numpy wraps the array's memory), so compaction can work on the arrays
+        n = self.capacity
+        self.arrays = [np.zeros((batch, runner.kv_heads, n, d), runner.dtype)
+                       for _, _, d in names]
+        self.past = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
 
     def run(self, ids: np.ndarray, mask: np.ndarray, graph_mask: np.ndarray) -> np.ndarray:
         """One forward (prefill or decode); returns the last position's logits ``[B, V]``.
@@ -253,18 +285,29 @@ class _State:
         if self.cache == "growing":
             self.past = list(outs[1:])
             self.length = self.past[0].shape()[2]
+        else:
+            self.length = graph_mask.shape[1]
         return outs[0].numpy()[:, -1, :]
 
     def evict(self, graph_mask: np.ndarray) -> np.ndarray:
-        """Keep the cache slots ``[0, sinks)`` and the last ``window - 1``; the mask alike."""
-        if self.streaming is None:
+        """Compact a bounded cache that reached ``sinks + window - 1 + evict_every`` slots.
+
+        Keeps the slots ``[0, sinks)`` and the last ``window - 1``, and the mask's columns alike;
+        ``length`` keeps the slots the step returned (``Generation.cache_lengths``).
+        """
+        if self.bound is None:
             return graph_mask
         import onnxruntime as ort
 
-        sinks, window = self.streaming
-        t = graph_mask.shape[1]
-        if t <= sinks + window - 1:
+        sinks, window, every = self.bound
+        kept, t = sinks + window - 1, graph_mask.shape[1]
+        if t < kept + every:
             return graph_mask
+        if self.cache == "shared":
+            for a in self.arrays:  # numpy copes with the overlap (evict_every < window - 1)
+                a[:, :, sinks:kept] = a[:, :, t - (window - 1):t]
+            return np.ascontiguousarray(np.concatenate(
+                [graph_mask[:, :sinks], graph_mask[:, t - (window - 1):]], axis=1))
         keep = np.r_[0:sinks, t - (window - 1):t]
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
             v.numpy()[:, :, keep])) for v in self.past]

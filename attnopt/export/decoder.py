@@ -119,8 +119,8 @@ class DecoderExport:
     @property
     def cache_modes(self) -> tuple[str, ...]:
         """The cache modes the file supports."""
-        if self.target != "onnxruntime" or self.streaming is not None:
-            return ("growing",)  # a bounded (evicting) cache cannot live in a shared buffer
+        if self.target != "onnxruntime":
+            return ("growing",)  # the standard Attention op returns a new present
         return ("shared", "growing")
 
     @property
@@ -152,13 +152,15 @@ class DecoderExport:
             max_new_tokens: tokens to generate per row.
             attention_mask: ``[B, S]`` with 0 at padding (all ones when None).
             do_sample: sample instead of greedy (``temperature``, ``top_k``, ``seed`` kwargs).
-            cache: ``"shared"`` (one max-length buffer, the default for onnxruntime) or
-                ``"growing"`` (the default for the onnx target and for Streaming files, whose
-                cache is bounded by eviction; ``evict=False`` runs them unbounded).
+            cache: ``"shared"`` (one buffer bound as past and present, the default for
+                onnxruntime) or ``"growing"`` (the default for the onnx target). The cache of
+                Streaming files is bounded by eviction in both (``evict=False`` runs them
+                unbounded, ``evict_every`` sets how often it is compacted).
             threads: onnxruntime intra-op threads.
             spin: let idle onnxruntime threads busy-wait (False: better on busy shared cores).
             **kwargs: ``eos_token_id`` / ``pad_token_id`` (default: the model's), ``max_length``,
-                ``temperature``, ``top_k``, ``seed``, ``keep_logits``, ``evict``.
+                ``temperature``, ``top_k``, ``seed``, ``keep_logits``, ``evict``,
+                ``evict_every``.
 
         Returns:
             A :class:`attnopt.export._generate.Generation` (``.sequences``, timings).
@@ -185,8 +187,9 @@ class DecoderExport:
                          f"(tolerance {self.tolerance:.0e})")
         if self.streaming is not None:
             sinks, window = self.streaming
-            lines.append(f"  bounded cache (growing mode): {sinks + window - 1} slots kept "
-                         f"(sinks {sinks} + last {window - 1}), {sinks + window} while a step runs")
+            lines.append(f"  bounded cache: {sinks + window - 1} slots kept (sinks {sinks} + "
+                         f"last {window - 1}), compacted every evict_every (default {window}) "
+                         "steps")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -298,7 +301,8 @@ def export_decoder(
         if any(_streaming_sites(config, decode_sites)):
             result.notes.append(
                 "Streaming: the graph computes sinks + window over cache slots; attnopt's runner "
-                "bounds the cache (growing mode) when every site has the same sinks and window; "
+                "bounds the cache (shared or growing mode) when every site has the same sinks "
+                "and window; "
                 "onnxruntime-genai (shared buffer) and optimum run the same file with the same "
                 "attention but an unbounded cache")
         hf_config = getattr(model, "config", None)
