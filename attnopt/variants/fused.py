@@ -162,11 +162,17 @@ def attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float):
     """Standard ONNX ``Attention`` (opset 23): 4-D BNSH, GQA from the shapes, mask + causal."""
     from onnxscript import opset23 as op
 
-    from attnopt.export._onnx_ops import expand_query_dim, needs_query_expand, to_rank4
+    from attnopt.export._onnx_ops import expand_query_dim, is_bool, needs_query_expand, to_rank4
 
     if attn_mask is not None:
-        expand = needs_query_expand(attn_mask)
+        expand = needs_query_expand(attn_mask)  # read before Max hides the mask's static shape
         attn_mask = to_rank4(attn_mask)
+        if not is_bool(attn_mask):
+            # ORT's Attention returns 0 for a row whose every score is at the float32 minimum
+            # (HF's finfo.min fill plus a bias: DeBERTa's padded queries); SDPA averages the
+            # values. Raised to -1e30 the row stays fully masked and both average; rows with a
+            # visible key are unchanged (exp(-1e30 - max) = 0).
+            attn_mask = op.Max(attn_mask, op.CastLike(op.Constant(value_float=-1e30), attn_mask))
         if expand:
             attn_mask = expand_query_dim(attn_mask, q)
     return op.Attention(q, k, v, attn_mask, is_causal=int(is_causal), scale=float(scale))[0]
