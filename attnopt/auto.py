@@ -266,11 +266,13 @@ def optimize_auto(model: torch.nn.Module, example_inputs: Any, budget: Auto):
     if not within:  # the confirmation differs from the search's own run: stay exact
         notes.append(f"the chosen plan measured {value:.4f} on confirmation, outside the "
                      "budget: every site left exact")
+        result.points[-1].chosen = False
         assignment = {s.location: Fused() for s in sites}
         config = Config(overrides=dict(assignment))
         fast, value, within = evaluate(assignment, "exact (fallback)")
         result.points[-1].chosen = True
-    if all(isinstance(v, Fused) for v in assignment.values()):
+    elif all(isinstance(v, Fused) for v in assignment.values()) and any(
+            v is not None for level in levels for v in level.values()):
         notes.append("no approximate variant fits the budget at any site: every site left "
                      "exact")
     result.plan = {loc: v.describe() if not isinstance(v, Fused) else "exact"
