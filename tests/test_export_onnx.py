@@ -23,7 +23,9 @@ def _attention_ops(path):
             if n.op_type in {"Attention", *ORT_ATTENTION}]
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
+# Swin-v2 takes ~70 s here (window attention at two input sizes) and exercises the same
+# standard-Attention fallback as Swin; benchmarks/model_table.py exports it to both targets.
+@pytest.mark.parametrize("arch", sorted(set(TINY) - {"swinv2"}))
 def test_hf_models_export_to_onnxruntime_with_parity(arch, tmp_path):
     built = tiny(arch, batch=2, seq=24)
     res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
