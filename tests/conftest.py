@@ -23,3 +23,15 @@ def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     """max |out - ref| / max |ref| (the library's error measure)."""
     ref, out = ref.double(), out.double()
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def left_padded_prompt(vocab: int, length: int, pad: int, seed: int = 7):
+    """A decoder prompt of batch 2: random ids, the second row left-padded by ``pad`` tokens
+    (id 0, mask 0). Returns ``(ids, attention_mask)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import left_padded_prompt
 
 import attnopt
 from attnopt.errors import ConfigError
@@ -93,14 +94,6 @@ class NanoGPT(torch.nn.Module):
         return self.head(self.ln[-1](x)), presents
 
 
-def _prompt():
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, VOCAB, (2, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :PAD] = 0
-    ids[1, :PAD] = 0
-    return ids, mask
-
 
 def _reference(model, ids, mask, new: int = NEW):
     """HF generate (greedy) or, for the hand-written model, greedy by full recomputation."""
@@ -133,7 +126,7 @@ def _export(arch: str, tmp_path_factory) -> tuple:
     if arch not in _EXPORTS:
         torch.manual_seed(0)
         model = _tiny(arch).eval()
-        ids, _ = _prompt()
+        ids, _ = left_padded_prompt(VOCAB, PROMPT, PAD)
         out = tmp_path_factory.mktemp(arch)
         _EXPORTS[arch] = (arch, model, attnopt.export_decoder(model, {"input_ids": ids}, out))
     return _EXPORTS[arch]
@@ -153,7 +146,7 @@ def _rel(ref: torch.Tensor, out: np.ndarray) -> float:
 def test_greedy_tokens_and_logits_match_hf(exported, cache):
     """Batch 2 with left padding: same tokens as HF, logits within 1e-4 at every step."""
     arch, model, res = exported
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     ref_seq, ref_logits = _reference(model, ids, mask)
     gen = res.generate(ids, NEW, attention_mask=mask, cache=cache, keep_logits=True)
     assert gen.sequences.shape == tuple(ref_seq.shape)
@@ -194,7 +187,7 @@ def test_onnx_target_standard_attention_with_past(tmp_path):
     """target='onnx': Attention-23 with past_key/past_value; the window goes into its mask."""
     torch.manual_seed(0)
     model = _tiny("mistral").eval()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     res = attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "m", target="onnx")
     m = onnx.load(str(res.path), load_external_data=False)
     ops = {n.op_type for n in m.graph.node}
@@ -212,7 +205,7 @@ def test_sliding_window_variant_is_applied_and_reported(tmp_path):
     """SlidingWindow on a model without a window: applied in the graph, error measured."""
     torch.manual_seed(0)
     model = _tiny("nanogpt").eval()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     cfg = attnopt.Config(variant=attnopt.SlidingWindow(window=4))
     res = attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "w", config=cfg)
     assert [s.applied_window for s in res.sites] == [4, 4]
@@ -228,7 +221,7 @@ def test_sliding_window_variant_is_applied_and_reported(tmp_path):
 def test_genai_runs_the_directory_with_the_same_tokens(tmp_path_factory):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed")
     _, model, res = _export("llama", tmp_path_factory)
-    ids, _ = _prompt()
+    ids, _ = left_padded_prompt(VOCAB, PROMPT, PAD)
     prompt = ids[:1]
     ref, _ = _reference(model, prompt, torch.ones_like(prompt))
     gm = og.Model(str(res.out_dir))
@@ -246,7 +239,7 @@ def test_genai_runs_the_directory_with_the_same_tokens(tmp_path_factory):
 def test_errors_are_typed(tmp_path):
     import transformers as tf
 
-    ids, _ = _prompt()
+    ids, _ = left_padded_prompt(VOCAB, PROMPT, PAD)
     model = _tiny("llama").eval()
     with pytest.raises(ConfigError, match="target"):
         attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "x", target="tensorrt")

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import left_padded_prompt
 
 import attnopt
 
@@ -46,15 +47,6 @@ def _tiny(arch: str):
     return tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
 
 
-def _prompt():
-    """Batch 2, the second row left-padded."""
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, VOCAB, (2, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :PAD] = 0
-    ids[1, :PAD] = 0
-    return ids, mask
-
 
 def _optimum_generate(model_dir: Path, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -75,7 +67,7 @@ def test_optimum_runs_the_directory_with_the_same_tokens(tmp_path, arch, target,
 
     Batch 2 with a left-padded row, growing past (optimum feeds ``present`` back as the past)."""
     model = _tiny(arch)
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     res = attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / target, target=target)
     graph = onnx.load(str(res.path), load_external_data=False).graph
     assert op in {n.op_type for n in graph.node}

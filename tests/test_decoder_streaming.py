@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import left_padded_prompt
 
 import attnopt
 from attnopt.errors import ConfigError
@@ -29,14 +30,6 @@ def _llama():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         attn_implementation="eager")).eval()
 
-
-def _prompt():
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, VOCAB, (2, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :PAD] = 0
-    ids[1, :PAD] = 0
-    return ids, mask
 
 
 def _rel(ref: torch.Tensor, out: np.ndarray) -> float:
@@ -84,7 +77,7 @@ def llama():
 @pytest.fixture(scope="module")
 def whole_sequence(llama):
     """The whole-sequence Streaming-optimized model: ``sequences -> [B, T, V]`` logits."""
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     example = {"input_ids": ids, "attention_mask": mask,
                "position_ids": position_ids_for(mask, PROMPT)}
     cfg = attnopt.Config(variant=attnopt.Streaming(sinks=SINKS, window=WINDOW))
@@ -102,7 +95,7 @@ def whole_sequence(llama):
 
 
 def _export(llama, path, target):
-    ids, _ = _prompt()
+    ids, _ = left_padded_prompt(VOCAB, PROMPT, PAD)
     cfg = attnopt.Config(variant=attnopt.Streaming(sinks=SINKS, window=WINDOW))
     return attnopt.export_decoder(llama, {"input_ids": ids}, path, target=target, config=cfg)
 
@@ -131,7 +124,7 @@ def _check_bounded(res, whole_sequence, **kwargs):
     token is the argmax of the reference logits at its position" is greedy decoding with the
     reference, step by step (by induction on the steps).
     """
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     gen = res.generate(ids, NEW, attention_mask=mask, keep_logits=True, eos_token_id=None,
                        **kwargs)
     seq = torch.from_numpy(gen.sequences)
@@ -177,7 +170,7 @@ def test_onnxruntime_bounded_cache_equals_whole_sequence_streaming(llama, whole_
     unbounded = _check_bounded(res, whole_sequence, cache="shared", evict=False)
     assert unbounded.max_cache_length == PROMPT + NEW - 1  # the last token is not fed back
     assert unbounded.cache_capacity == PROMPT + NEW
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
     with pytest.raises(ConfigError, match="evict_every"):
         res.generate(ids, 2, attention_mask=mask, evict_every=0)
     with pytest.raises(ConfigError, match="max_length 10 < the 17 slots"):
@@ -204,7 +197,7 @@ def test_streaming_on_a_model_with_its_own_window_is_refused(tmp_path):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, sliding_window=6,
         max_position_embeddings=256, attn_implementation="eager")).eval()
-    ids, _ = _prompt()
+    ids, _ = left_padded_prompt(VOCAB, PROMPT, PAD)
     cfg = attnopt.Config(variant=attnopt.Streaming(sinks=2, window=4))
     with pytest.raises(ConfigError, match="sliding window of 6.*self_attn|self_attn.*window of 6"):
         attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "x", config=cfg)
