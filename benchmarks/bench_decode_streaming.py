@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT, TAIL = 16, 128
+PROMPT, TAIL, CURVE_STEPS = 16, 128, 256
 
 
 # (row name, export, cache mode, evict_every: None = no eviction, 0 = the default: window)
@@ -103,7 +103,11 @@ def setup(dir: str, layers: int, kv_heads: int, head_dim: int, streaming, cache:
                     decode_tokens_per_s=g.decode_tokens_per_s,
                     max_cache_length=max(g.cache_lengths), cache_capacity=g.cache_capacity,
                     new_tokens=g.new_tokens,
-                    tokens=g.sequences[0, PROMPT:].tolist())
+                    tokens=g.sequences[0, PROMPT:].tolist(),
+                    # tokens/s per block of CURVE_STEPS decode steps, by the context at its end
+                    curve=[[PROMPT + i + CURVE_STEPS,
+                            CURVE_STEPS / sum(g.step_s[i:i + CURVE_STEPS])]
+                           for i in range(1, len(g.step_s) - CURVE_STEPS + 1, CURVE_STEPS)])
         return g
 
     return run, info
@@ -119,6 +123,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/attnopt-bench-decode-streaming")
     ap.add_argument("--out", default=str(RESULTS / "decode_streaming"))
+    ap.add_argument("--shared-only", action="store_true",
+                    help="only the shared-buffer rows (exact, and streaming every window steps)")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="also draw tokens/s vs context length per row (needs matplotlib)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,8 @@ def main() -> None:
     rows = []
     for total in args.totals:
         for name, export, cache, every in MODES:
+            if args.shared_only and cache != "shared":
+                continue
             f = files[export]
             every = args.window if every == 0 else every
             kwargs = {k: f[k] for k in ("dir", "layers", "kv_heads", "head_dim", "streaming")}
@@ -160,6 +170,31 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(info, indent=2, default=str))
     Path(args.out + ".md").write_text(markdown(info))
     print(markdown(info))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Tokens/s against the context length, one line per row (from ``info["curve"]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r in rows:
+        curve = r.get("info", {}).get("curve")
+        if curve:
+            every = f", compacted every {r['evict_every']}" if r["evict_every"] else ""
+            ax.plot([c for c, _ in curve], [t for _, t in curve],
+                    label=f"{r['mode']} ({r['cache']}{every})")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def markdown(info: dict) -> str:
