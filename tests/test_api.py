@@ -143,6 +143,7 @@ VARIANT_EXAMPLES = {
     "neighborhood2d": lambda: attnopt.Neighborhood2D(kernel=3),
     "linear": lambda: attnopt.Linear(feature_map="elu"),
     "group_kv": lambda: attnopt.GroupKV(groups=2),
+    "prune_heads": lambda: attnopt.PruneHeads(fraction=0.5, scope="model"),
 }
 
 

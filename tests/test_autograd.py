@@ -19,6 +19,7 @@ from attnopt.variants.fused import reference_attention
 from attnopt.variants.group_kv import reference_group_kv
 from attnopt.variants.linear import reference_quadratic
 from attnopt.variants.neighborhood2d import reference_neighborhood2d
+from attnopt.variants.prune_heads import reference_prune_heads
 from attnopt.variants.sliding_window import reference_sliding_window
 from attnopt.variants.softcap import reference_softcap_attention
 from attnopt.variants.streaming import reference_streaming
@@ -83,6 +84,15 @@ def _case(name: str):
                 lambda q, k, v, m: torch.ops.attnopt.group_kv(q, k, v, m, wq, wo, bo, 1, True,
                                                               0.5),
                 lambda q, k, v, m: reference_group_kv(q, k, v, m, wq, wo, bo, 1, True, 0.5), {})
+    if name == "prune_heads":
+        q, k, v, m = _qkv(7, 9)                   # 2 heads over 1 kv head: head 0 dropped
+        fill = torch.randn(H, D, dtype=torch.float64)
+        keep = torch.tensor([1])
+        return ((q, k, v, m),
+                lambda q, k, v, m: torch.ops.attnopt.prune_heads(q[:, 1:], k, v, m,
+                                                                 keep, fill, True, 0.5),
+                lambda q, k, v, m: reference_prune_heads(q, k, v, m, torch.tensor([0, 1]), fill,
+                                                         True, 0.5), {})
     if name == "softcap_attention":
         q, k, v, m = _qkv(7, 9)
         # the op computes in fp32: finite differences need a larger step and tolerance
@@ -147,7 +157,7 @@ def test_gradient_matches_dense_reference(name):
     (ref(*b).double() * g).sum().backward()
     # the exact reference computes in fp32, the linear kernel too; the sparse ones in fp64
     tol = {"attention": 1e-5, "softcap_attention": 1e-5, "linear_attention": 1e-4,
-           "group_kv": 1e-5}.get(name, 1e-9)
+           "group_kv": 1e-5, "prune_heads": 1e-5}.get(name, 1e-9)
     for x, y, what in zip(a, b, "qkvm"):
         err = ((x.grad - y.grad).abs().max() / y.grad.abs().max()).item()
         assert err < tol, f"{name}: d/d{what} differs from the reference by {err:.2e}"

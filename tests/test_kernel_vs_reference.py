@@ -16,6 +16,7 @@ from attnopt.variants.fused import reference_attention
 from attnopt.variants.group_kv import reference_group_kv
 from attnopt.variants.linear import MapParams, reference_quadratic
 from attnopt.variants.neighborhood2d import reference_neighborhood2d
+from attnopt.variants.prune_heads import reference_prune_heads
 from attnopt.variants.sliding_window import reference_sliding_window
 from attnopt.variants.streaming import reference_streaming
 from attnopt.variants.streaming_heads import reference_streaming_heads
@@ -26,6 +27,7 @@ _g = torch.Generator().manual_seed(3)
 GROUP_MAPS = (torch.eye(D) + 0.1 * torch.randn(H, D, D, generator=_g),
               torch.eye(D) + 0.1 * torch.randn(H, D, D, generator=_g),
               0.1 * torch.randn(H, 1, D, generator=_g))
+PRUNE_FILL = torch.randn(H, D, generator=_g)
 
 # name -> (kernel(q, k, v, mask), reference(q, k, v, mask), tolerance)
 CHECKS = {
@@ -53,6 +55,12 @@ CHECKS = {
     "group_kv": (
         lambda q, k, v, m: ops.group_kv(q, k, v, m, *GROUP_MAPS, 1, False, SCALE),
         lambda q, k, v, m: reference_group_kv(q, k, v, m, *GROUP_MAPS, 1, False, SCALE), 1e-5),
+    # head 1 dropped (its constant output), heads 0, 2, 3 kept: q gathered, GQA kv per kept head
+    "prune_heads": (
+        lambda q, k, v, m: ops.prune_heads(q[:, [0, 2, 3]], k[:, [0, 1, 1]], v[:, [0, 1, 1]], m,
+                                           torch.tensor([0, 2, 3]), PRUNE_FILL, False, SCALE),
+        lambda q, k, v, m: reference_prune_heads(q, k, v, m, torch.tensor([1, 0, 1, 1]),
+                                                 PRUNE_FILL, False, SCALE), 1e-5),
     "linear": (
         lambda q, k, v, m: ops.linear_attention(q, k, v, m, None, None, None, None, None,
                                                 True, SCALE, "elu", 8),

@@ -7,6 +7,7 @@ from attnopt.variants.fused import Fused
 from attnopt.variants.group_kv import GroupKV
 from attnopt.variants.linear import Linear
 from attnopt.variants.neighborhood2d import Neighborhood2D
+from attnopt.variants.prune_heads import PruneHeads
 from attnopt.variants.sliding_window import SlidingWindow
 from attnopt.variants.streaming import Streaming
 from attnopt.variants.streaming_heads import StreamingHeads
@@ -19,6 +20,7 @@ __all__ = [
     "GroupKV",
     "Linear",
     "Neighborhood2D",
+    "PruneHeads",
     "SlidingWindow",
     "Streaming",
     "StreamingHeads",

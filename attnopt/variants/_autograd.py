@@ -8,6 +8,7 @@ therefore recomputes the same function with a differentiable implementation and 
   * ``attention`` (exact): the op's own body, ``F.scaled_dot_product_attention``, whose autograd
     is SDPA's backward; ``softcap_attention``: its own body (an online softmax in plain torch);
   * ``group_kv``: its own body (mean pooling, matmuls and the exact ``attention`` op);
+    ``prune_heads``: its own body (the exact op on the kept heads, copied into the constants);
   * ``linear_attention``: the chunked torch kernel ``linear_attention_torch`` (the one ``fit``
     trains through): memory linear in the sequence length;
   * the sparse ops (``sliding_window``, ``streaming``, ``streaming_heads``, ``block_topk``,
@@ -40,6 +41,7 @@ from attnopt.variants import fused as _fused
 from attnopt.variants import group_kv as _gkv
 from attnopt.variants import linear as _linear
 from attnopt.variants import neighborhood2d as _nbhd
+from attnopt.variants import prune_heads as _prune
 from attnopt.variants import sliding_window as _window
 from attnopt.variants import softcap as _softcap
 from attnopt.variants import streaming as _streaming
@@ -72,6 +74,11 @@ def _group_kv(q, k, v, attn_mask, wq, wo, bo, groups, is_causal, scale):
     return _gkv.group_kv._init_fn(q, k, v, attn_mask, wq, wo, bo, groups, is_causal, scale)
 
 
+def _prune_heads(q, k, v, attn_mask, keep, fill, is_causal, scale):
+    # the op's body is differentiable: the exact attention op and an index_copy into a copy
+    return _prune.prune_heads._init_fn(q, k, v, attn_mask, keep, fill, is_causal, scale)
+
+
 def _neighborhood2d(q, k, v, attn_mask, kernel, dilation, grid_h, grid_w, scale):
     return _nbhd.reference_neighborhood2d(q, k, v, attn_mask, kernel, dilation, (grid_h, grid_w),
                                           scale)
@@ -83,6 +90,7 @@ _DIFFERENTIABLE: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "attention": (_exact, False),
     "softcap_attention": (_softcap_attention, False),
     "group_kv": (_group_kv, False),
+    "prune_heads": (_prune_heads, False),
     "linear_attention": (_linear_attention, False),
     "sliding_window": (_window.reference_sliding_window, True),
     "streaming": (_streaming.reference_streaming, True),
