@@ -130,11 +130,20 @@ def test_factory_from_the_current_directory_and_options_checked_first(capsys, in
 
 def test_export_to_a_file_name_writes_hf_files_beside_it(capfd, in_dir):
     code, out, err = _run(capfd, "export", "tiny:bert", "--static", "--seq", "8", "-o",
-                          "bert.onnx", "--no-fuse")
+                          "bert.onnx", "--no-fuse", "--triton", "repo", "--max-batch-size", "0")
     assert code == 0, err
     assert (in_dir / "bert.onnx").is_file() and not (in_dir / "bert.onnx.onnx").exists()
     assert json.loads((in_dir / "config.json").read_text())["model_type"] == "bert"
     assert "torchvision" not in err and "LeafSpec" not in err
+    # --triton: a model directory whose config passes Triton's schema and matches the file
+    # (max_batch_size 0: a --static file has a fixed batch dim, which Triton cannot batch)
+    from attnopt.serving import check_model_dir
+
+    config = check_model_dir(in_dir / "repo" / "bert")
+    assert config.max_batch_size == 0 and config.platform == "onnxruntime_onnx"  # --static
+    assert [t.name for t in config.input] == ["input_ids", "attention_mask"]
+    assert (in_dir / "repo" / "bert" / "1" / "model.onnx").read_bytes() == \
+        (in_dir / "bert.onnx").read_bytes()
 
 
 def test_save_option(capsys, in_dir):

@@ -194,3 +194,6 @@ def test_softcap_flex_on_cuda():
                       float("-inf"))
     want = s.softmax(-1) @ v.double().repeat_interleave(rep, 1)
     assert rel_err(want, out) < BF16_TOL
+    # the op itself takes the FlexAttention path on CUDA (the CPU loop would be far slower)
+    via_op = torch.ops.attnopt.softcap_attention(q, k, v, mask, True, scale, cap)
+    assert rel_err(want, via_op) < BF16_TOL and not _flex._warned

@@ -184,6 +184,10 @@ def test_a_variant_applied_to_no_site_is_loud(caplog):
     assert fast.report.to_dict()["warnings"] == [line]
     # the default exact fusion is no request: nothing to warn about
     assert unapplied_variants(fast.report, lambda location: attnopt.Fused()) == []
+    # strict mode: the same request is an error naming the site and the reason, not a warning
+    with pytest.raises(attnopt.VariantNotApplicableError, match="cannot find the token grid"):
+        attnopt.optimize(built.model, built.inputs,
+                         attnopt.Config(variant=nbh.Neighborhood2D(kernel=3), strict=True))
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from attnopt.errors import ConfigError
+from attnopt.models import TINY
 from attnopt.serving import DynamicBatching, check_model_dir, write_triton_repository
 from attnopt.serving._schema import check_semantics, model_config_module, parse_config
 
@@ -181,8 +182,7 @@ def test_bad_arguments_are_config_errors_and_leave_nothing(tmp_path, model_file)
 @pytest.mark.skipif(os.environ.get("ATTNOPT_SERVE_ALL_MODELS") != "1",
                     reason="exports every model-table architecture (minutes); set "
                            "ATTNOPT_SERVE_ALL_MODELS=1")
-@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2", "llama", "mistral", "vit",
-                                  "whisper", "t5", "bart", "clip"])
+@pytest.mark.parametrize("arch", sorted(TINY))
 def test_every_model_table_model_gets_a_valid_config(tmp_path, arch):
     import attnopt
     from attnopt.models import build

@@ -7,6 +7,9 @@ softmax over blocks of keys that caps each ``[Lq, block]`` slice of scores as it
 whose logits are capped (see ``attnopt.variants.fused``); the mask is added *after* the cap, as
 the models write it (a cap applied after a ``-inf`` mask would let masked keys through).
 
+On CUDA the op runs FlexAttention with the cap as a ``score_mod`` (``_flex.softcap_attention``:
+causal sites skip the future tiles); the online-softmax loop stays the CPU path and the fallback.
+
 ONNX lowerings: standard ``Attention`` (opset 23, ``softcap`` attribute; mask and causal bias
 added after the cap by the spec) and ONNX Runtime's ``GroupQueryAttention`` (``softcap``
 attribute) for causal sites; ORT's ``MultiHeadAttention`` has no cap, so non-causal sites use the
@@ -16,6 +19,8 @@ standard op on that target too.
 from __future__ import annotations
 
 import torch
+
+from attnopt.variants import _flex
 
 # Keys per block of the online softmax: the scores held at once are [B, H, Lq, BLOCK].
 BLOCK = 256
@@ -46,6 +51,10 @@ def softcap_attention(
     Returns:
         ``[B, H, Lq, Dv]`` in q's dtype; the running sums are kept in float32.
     """
+    if q.is_cuda:
+        out = _flex.dispatch("softcap_attention", q, k, v, attn_mask, is_causal, scale, softcap)
+        if out is not None:
+            return out.to(q.dtype)
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     rep = h // hkv
