@@ -214,3 +214,57 @@ def test_dynamic_resolution_model_exports_and_runs_at_another_grid(target, dinov
             want = fast(**x).last_hidden_state.numpy()
         got = sess.run(None, res.feed(x))[0]
         assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-5, (target, hw)
+
+
+# -- grid sources other than a patch-embedding convolution -----------------------------------
+
+
+class _UnshuffleViT(torch.nn.Module):
+    """Patches by ``pixel_unshuffle`` (no convolution), an optional position embedding resized
+    to the patch grid, a class token, one attention."""
+
+    def __init__(self, resize_pos: bool):
+        super().__init__()
+        self.resize_pos = resize_pos
+        self.pos = torch.nn.Parameter(torch.randn(1, 3 * PATCH * PATCH, 4, 4))
+        self.embed = torch.nn.Linear(3 * PATCH * PATCH, 32)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 32))
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, img):
+        x = torch.nn.functional.pixel_unshuffle(img, PATCH)              # [B, C p², h, w]
+        if self.resize_pos:
+            x = x + torch.nn.functional.interpolate(self.pos, size=x.shape[-2:], mode="bicubic")
+        x = self.embed(x.flatten(2).transpose(1, 2))                     # [B, h·w, 32]
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        q, k, v = self.qkv(x).reshape(x.shape[0], -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * 0.25).softmax(-1)
+        return (a @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("resize_pos,found", [(True, "position-embedding resize"),
+                                              (False, "grid reshape")])
+def test_grid_from_a_resize_or_a_reshape(resize_pos, found):
+    from attnopt._match.grid import find_grid
+
+    torch.manual_seed(0)
+    model = _UnshuffleViT(resize_pos).eval()
+    img = torch.randn(2, 3, 40, 48)                                      # a 5 x 6 grid
+    (site,) = attnopt.find_attention(model, (img,))
+    search = find_grid(site.graph.anchor)
+    assert search.grid is not None, search.reason
+    assert (search.grid.size, search.grid.prefix, search.grid.found) == ((5, 6), 1, found)
+    assert search.grid.dynamic                     # read at run time: other sizes work too
+    fast = attnopt.optimize(model, (img,), attnopt.Config(variant=nbh.Neighborhood2D(kernel=3)))
+    assert fast.report.count(REWRITTEN) == 1
+    other = torch.randn(1, 3, 56, 32)                                    # a 7 x 4 grid
+    with torch.no_grad():
+        got = fast(other)
+        x = torch.nn.functional.pixel_unshuffle(other, PATCH)
+        if resize_pos:
+            x = x + torch.nn.functional.interpolate(model.pos, size=(7, 4), mode="bicubic")
+        x = model.embed(x.flatten(2).transpose(1, 2))
+        x = torch.cat([model.cls.expand(1, -1, -1), x], 1)
+        q, k, v = model.qkv(x).reshape(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        want = nbh.reference_neighborhood2d(q, k, v, None, 3, 1, (7, 4), 0.25)
+    assert torch.allclose(got, want.transpose(1, 2).flatten(2), atol=1e-5)

@@ -40,7 +40,10 @@ _RESIZES = {
     aten._upsample_bicubic2d_aa.vec, aten._upsample_bicubic2d_aa.default,
     aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default,
 }
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# reshapes between tokens and the grid (the capture keeps flatten / unflatten undecomposed:
+# ``x.flatten(2).transpose(1, 2)`` is how ViTs turn the grid into tokens)
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.flatten.using_ints, aten.unflatten.int}
 
 # What found the grid, best first (ties on the prefix length go to the earlier kind).
 CONV, RESIZE, VIEW = "patch-embedding convolution", "position-embedding resize", "grid reshape"
