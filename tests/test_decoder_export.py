@@ -248,9 +248,9 @@ def test_errors_are_typed(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="not a directory"):
         attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "file")
-    with pytest.raises(ConfigError, match="Linear"):
+    with pytest.raises(ConfigError, match="block_topk|BlockTopK"):
         attnopt.export_decoder(model, {"input_ids": ids}, tmp_path / "x", config=attnopt.Config(
-            variant=attnopt.Linear()))
+            variant=attnopt.BlockTopK(block=4, k=2)))
     bert = tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ConfigError, match="cannot be called as a decoder"):

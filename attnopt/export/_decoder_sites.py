@@ -29,7 +29,10 @@ from attnopt.passes.rewrite_sites import emit_operands, site_operands_module
 from attnopt.sites import AttentionSite
 from attnopt.verify import record
 
-from . import _kv_attention  # noqa: F401 - registers torch.ops.attnopt.kv_attention
+from . import (
+    _kv_attention,  # noqa: F401 - registers torch.ops.attnopt.kv_attention
+    _linear_state,  # noqa: F401 - registers torch.ops.attnopt.linear_state_attention
+)
 
 aten = torch.ops.aten
 HARD_FILL = -1.0e4
@@ -46,6 +49,8 @@ class DecodeSite:
         window: the causal window found in the model's mask (0: none).
         applied_window: the window the export applies (the model's, or a variant's).
         applied_sinks: leading cache slots every query sees besides the window (``Streaming``).
+        feature_map: set for a causal ``Linear`` site exported with a recurrent state
+            (``_linear_state``): its past pair is then the state ``(S, z)``, not a KV cache.
     """
 
     site: AttentionSite
@@ -59,6 +64,7 @@ class DecodeSite:
     window: int = 0
     applied_window: int = 0
     applied_sinks: int = 0
+    feature_map: str | None = None
 
 
 def cache_update(site: AttentionSite, past: list[Node]) -> DecodeSite | str:
@@ -140,16 +146,25 @@ def read_windows(gm: GraphModule, sites: list[DecodeSite], probe: list, mask: to
 
 
 def rewrite(gm: GraphModule, sites: list[DecodeSite], attention_mask: Node) -> None:
-    """Replace every site by ``attnopt::kv_attention``; presents read the op's outputs."""
+    """Replace every site by ``attnopt::kv_attention`` (or, for a site with a ``feature_map``,
+    ``attnopt::linear_state_attention`` reading its past pair as the state); presents read the
+    op's outputs.
+    """
     graph = gm.graph
     for d in sites:
         old = d.site.graph.output
         with graph.inserting_before(old):
             ops, _ = emit_operands(graph, d.site, lambda n: n)
-            call = graph.call_function(
-                torch.ops.attnopt.kv_attention.default,
-                (ops.q, d.new_k, d.new_v, d.past_k, d.past_v, attention_mask,
-                 int(d.applied_window), int(d.applied_sinks), float(d.site.scale)))
+            if d.feature_map:
+                call = graph.call_function(
+                    torch.ops.attnopt.linear_state_attention.default,
+                    (ops.q, d.new_k, d.new_v, d.past_k, d.past_v, attention_mask,
+                     float(d.site.scale), d.feature_map))
+            else:
+                call = graph.call_function(
+                    torch.ops.attnopt.kv_attention.default,
+                    (ops.q, d.new_k, d.new_v, d.past_k, d.past_v, attention_mask,
+                     int(d.applied_window), int(d.applied_sinks), float(d.site.scale)))
             out = graph.call_function(operator.getitem, (call, 0))
             present_k = graph.call_function(operator.getitem, (call, 1))
             present_v = graph.call_function(operator.getitem, (call, 2))

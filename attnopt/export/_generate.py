@@ -29,6 +29,13 @@ generated length.
 Without eviction (``evict=False``, onnxruntime-genai, optimum) the same file computes the same
 attention over an unbounded cache.
 
+Recurrent state (``state_features=F``, files whose sites are all causal ``attnopt.Linear``): the
+past pair of each layer is the state ``S [B, kv_heads, F, value_dim]`` (``.key``) and
+``z [B, kv_heads, F, 1]`` (``.value``), zeros before the prompt; each step's presents are bound
+as the next step's pasts (``"growing"`` mode, the only one: the standard ops that compute the
+state cannot write over their input), so the bound memory is the same at every step. The
+``attention_mask`` still grows (positions come from it; the graph reads its last columns).
+
 Greedy by default; ``do_sample=True`` draws from ``softmax(logits / temperature)`` restricted to
 the ``top_k`` best tokens. Rows that emitted ``eos_token_id`` continue with ``pad_token_id``
 and generation stops when every row has finished, as HF ``generate`` does.
@@ -64,6 +71,10 @@ class Generation:
         cache_capacity: slots allocated per cache tensor: the shared buffer's length, or the
             longest present of a growing cache.
         step_s: per step, seconds (prefill first; eviction included).
+        cache_shapes: per step, the shape of the first present (``present.0.key``) the graph
+            returned: ``[B, kv_heads, slots, head_dim]`` for a KV cache, the constant
+            ``[B, kv_heads, F, value_dim]`` for a recurrent state (whose ``cache_lengths`` are
+            then ``F``).
     """
 
     sequences: np.ndarray
@@ -74,6 +85,7 @@ class Generation:
     cache_lengths: list[int] = field(default_factory=list)
     cache_capacity: int = 0
     step_s: list[float] = field(default_factory=list)
+    cache_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -100,12 +112,14 @@ class OrtRunner:
         spin: let idle onnxruntime threads busy-wait between ops (its default). On cores shared
             with other work, ``False`` was ~1.9x faster for SmolLM2 decode (measured under load;
             see README); onnxruntime-genai's config has no switch for it.
+        state_features: F when the file's past pairs are recurrent states ``(S, z)`` (see the
+            module docstring), else 0.
     """
 
     def __init__(self, path: str | Path, *, layers: int, kv_heads: int, head_dim: int,
                  value_dim: int, shared_ok: bool, threads: int | None = None,
                  spin: bool = True, providers: list[str] | None = None,
-                 streaming: tuple[int, int] | None = None) -> None:
+                 streaming: tuple[int, int] | None = None, state_features: int = 0) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -121,6 +135,7 @@ class OrtRunner:
         self.head_dim, self.value_dim = head_dim, value_dim
         self.shared_ok = shared_ok
         self.streaming = streaming
+        self.state_features = state_features
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dtype = _np_dtype(self.session.get_inputs()[3].type) if len(
@@ -161,6 +176,10 @@ class OrtRunner:
                               f"{ids.shape}")
         if cache not in CACHE_MODES:
             raise ConfigError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache == "shared" and self.state_features:
+            raise ConfigError("this file keeps a recurrent state (Linear), computed by standard "
+                              "ops that cannot write over their input: use cache='growing' (the "
+                              "state is fixed-size, fed back every step)")
         if cache == "shared" and not self.shared_ok:
             raise ConfigError("this file cannot share past and present buffers (target 'onnx': "
                               "the standard Attention op returns a new present); use "
@@ -218,6 +237,7 @@ class OrtRunner:
             tokens.append(nxt[:, None])
             out.new_tokens = step + 1
             out.cache_lengths.append(state.length)
+            out.cache_shapes.append(state.shape)
             out.step_s.append(dt)
             if eos and not unfinished.any():
                 break
@@ -244,16 +264,21 @@ class _State:
         self.cache = cache
         self.bound = bound
         self.length = 0
+        self.shape: tuple[int, ...] = ()
         self.capacity = (max_length or 0) if cache == "shared" else 0
         self.binding = runner.session.io_binding()
         names = []
         for i in range(runner.layers):
             names += [(f"past_key_values.{i}.key", f"present.{i}.key", runner.head_dim),
                       (f"past_key_values.{i}.value", f"present.{i}.value", runner.value_dim)]
+        n = self.capacity
+        if runner.state_features:  # S [B, Hkv, F, Dv] and z [B, Hkv, F, 1], zero at first
+            names = [(past, present, runner.value_dim if i % 2 == 0 else 1)
+                     for i, (past, present, _) in enumerate(names)]
+            n = runner.state_features
         self.names = names
         # shared: the kernel writes through these OrtValues into the numpy arrays (CPU
         # ortvalue_from_numpy wraps the array's memory), so compaction can work on the arrays
-        n = self.capacity
         self.arrays = [np.zeros((batch, runner.kv_heads, n, d), runner.dtype)
                        for _, _, d in names]
         self.past = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
@@ -285,8 +310,10 @@ class _State:
         if self.cache == "growing":
             self.past = list(outs[1:])
             self.length = self.past[0].shape()[2]
+            self.shape = tuple(self.past[0].shape())
         else:
             self.length = graph_mask.shape[1]
+            self.shape = (*self.arrays[0].shape[:2], self.length, self.arrays[0].shape[3])
         return outs[0].numpy()[:, -1, :]
 
     def evict(self, graph_mask: np.ndarray) -> np.ndarray:

@@ -24,6 +24,14 @@ the target supports (strictly for exact files; measured only for approximate one
 ``Streaming(sinks, window)`` sites keep the first ``sinks`` cache slots and a causal window over
 the cache (``_kv_attention``): the file computes the whole-sequence ``Streaming`` variant, and
 when every site has the same values the runner bounds the cache by eviction (``_generate``).
+Causal ``Linear(feature_map)`` sites (fixed maps ``elu`` / ``relu`` / ``taylor``) keep a
+recurrent state instead of a KV cache (``_linear_state``): the same input/output names, with
+``past_key_values.{i}.key`` / ``present.{i}.key`` holding ``S = Σ φ(k_j) v_jᵀ``
+``[batch_size, kv_heads, F, head_dim]`` and ``.value`` holding ``z = Σ φ(k_j)``
+``[batch_size, kv_heads, F, 1]`` (zeros before the prompt; ``attention_mask`` still grows, only
+its last ``sequence_length`` columns are read). Their size is constant in the length. Only
+attnopt's runner drives such a file (present fed back as past): onnxruntime-genai and optimum
+grow their caches along axis 2, so no ``genai_config.json`` is written for it.
 Files are written to a temporary directory and moved into ``out_dir`` only after validation.
 """
 
@@ -43,7 +51,7 @@ import numpy as np
 import torch
 
 from attnopt._inputs import normalize
-from attnopt.errors import ConfigError, ExportError, ValidationError
+from attnopt.errors import ConfigError, ExportError, ValidationError, VariantNotApplicableError
 from attnopt.export._decoder_capture import (
     INPUT_NAMES,
     CacheLayout,
@@ -80,6 +88,9 @@ class DecodeSiteReport:
     applied_window: int
     op: str
     applied_sinks: int | None = None  # None: not a Streaming site
+    #: a Linear site's recurrent state: feature map, ``S`` / ``z`` shapes per sequence, its bytes
+    #: (constant in the length) and the bytes per token the KV cache it replaces would take
+    state: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data."""
@@ -100,6 +111,9 @@ class DecoderExport:
         notes: remarks (approximate variants, skipped checks).
         files: the files written.
         timings: seconds per stage.
+        state_features: F, the rows of every site's recurrent state (``Linear`` files), else 0.
+        lowering_error: state files: worst relative logits error of onnxruntime vs the rewritten
+            graph run in torch (enforced at ``tolerance``; ``parity`` is the approximation's).
     """
 
     out_dir: Path
@@ -114,12 +128,14 @@ class DecoderExport:
     timings: dict[str, float] = field(default_factory=dict)
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    state_features: int = 0
+    lowering_error: float | None = None
     _runners: dict = field(default_factory=dict, repr=False)
 
     @property
     def cache_modes(self) -> tuple[str, ...]:
         """The cache modes the file supports."""
-        if self.target != "onnxruntime":
+        if self.target != "onnxruntime" or self.state_features:
             return ("growing",)  # the standard Attention op returns a new present
         return ("shared", "growing")
 
@@ -139,7 +155,7 @@ class DecoderExport:
             self._runners[key] = OrtRunner(
                 self.path, layers=L.layers, kv_heads=L.kv_heads, head_dim=L.head_dim,
                 value_dim=L.value_dim, shared_ok=self.target == "onnxruntime", threads=threads,
-                spin=spin, streaming=self.streaming)
+                spin=spin, streaming=self.streaming, state_features=self.state_features)
         return self._runners[key]
 
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
@@ -181,6 +197,11 @@ class DecoderExport:
             win = f", window {s.applied_window}" if s.applied_window else ""
             if s.applied_sinks is not None:
                 win = f", sinks {s.applied_sinks}{win}"
+            if s.state:
+                st = s.state
+                win = (f" ({st['feature_map']}), recurrent state S {st['S']} + z {st['z']} = "
+                       f"{st['bytes_per_sequence']} bytes per sequence, constant (a KV cache: "
+                       f"+{st['kv_cache_bytes_per_token']} bytes per token)")
             lines.append(f"  site {s.index} {s.location} (layer {s.layer}) -> {s.op}{win}")
         for mode, err in self.parity.items():
             lines.append(f"  logits vs eager model, {mode} cache: {err:.2e} "
@@ -190,6 +211,8 @@ class DecoderExport:
             lines.append(f"  bounded cache: {sinks + window - 1} slots kept (sinks {sinks} + "
                          f"last {window - 1}), compacted every evict_every (default {window}) "
                          "steps")
+        if self.lowering_error is not None:
+            lines.append(f"  logits vs the rewritten graph in torch: {self.lowering_error:.2e}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -222,8 +245,10 @@ def export_decoder(
             ``"onnx"`` (standard ``Attention``, opset 23, growing cache).
         config: an :class:`attnopt.Config`: ``Fused()`` (exact, the default),
             ``SlidingWindow(window=W)`` (causal window over the cache, approximate unless the
-            model has that window) or ``Streaming(sinks=S, window=W)`` (attention sinks plus a
-            causal window, approximate; the runner bounds the cache to ``S + W`` slots).
+            model has that window), ``Streaming(sinks=S, window=W)`` (attention sinks plus a
+            causal window, approximate; the runner bounds the cache to ``S + W`` slots) or
+            ``Linear(feature_map="elu" | "relu" | "taylor")`` on every site (a recurrent state
+            instead of a KV cache; see the module doc).
         tokenizer: saved into the directory when given.
         max_length: ``search.max_length`` in genai_config (default: the model's context).
         fuse: apply the standard non-attention fusions (RMS/layer norm, GELU).
@@ -235,6 +260,7 @@ def export_decoder(
 
     Raises:
         ConfigError: bad arguments or a variant that decode export cannot apply.
+        VariantNotApplicableError: a ``Linear`` feature map or fit a decoder state cannot carry.
         CaptureError: the model cannot be captured with a cache.
         ExportError: an attention site has no recognisable cache update, or the exporter failed.
         ValidationError: onnxruntime's logits differ from the eager model's.
@@ -286,13 +312,25 @@ def export_decoder(
         tol = tolerance or (1e-4 if layout.dtype == torch.float32 else 1e-2)
         result = DecoderExport(out_dir=out_dir, path=out_dir / "model.onnx", target=target,
                                layout=layout, tolerance=tol, timings=timings)
+        fdim = _state_features(decode_sites, layout)
+        result.state_features = fdim
+        kv_op = "GroupQueryAttention" if target == "onnxruntime" else "Attention"
         result.sites = [DecodeSiteReport(
             d.site.index, user_location(d.site.location), d.layer, d.window, d.applied_window,
-            "GroupQueryAttention" if target == "onnxruntime" else "Attention",
-            d.applied_sinks if streaming else None)
+            "linear_state_attention" if d.feature_map else kv_op,
+            d.applied_sinks if streaming else None,
+            _state_report(d, layout, fdim) if d.feature_map else None)
             for d, streaming in zip(decode_sites, _streaming_sites(config, decode_sites))]
-        approx = [d for d in decode_sites if d.applied_window != d.window or d.applied_sinks]
-        if approx:
+        approx = [d for d in decode_sites if d.applied_window != d.window or d.applied_sinks
+                  or d.feature_map]
+        if fdim:
+            result.notes.append(
+                f"approximate: {len(decode_sites)} sites use causal linear attention "
+                f"({decode_sites[0].feature_map} map) with a recurrent state of {fdim} feature "
+                "rows instead of a KV cache; the logits error below is that approximation's. "
+                "Only attnopt's runner drives this file (onnxruntime-genai and optimum grow "
+                "caches along axis 2): no genai_config.json")
+        elif approx:
             what = (f"sinks {approx[0].applied_sinks} + " if approx[0].applied_sinks else "")
             result.notes.append(
                 f"approximate: {len(approx)} sites use a pattern the model does not have "
@@ -310,13 +348,16 @@ def export_decoder(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
         try:
             t0 = time.perf_counter()
-            _to_onnx(gm, example, layout, target, tmp / "model.onnx", fuse, result.notes)
+            if fdim:
+                example = (*example[:3], _state_example(layout, fdim, example[0].shape[0]))
+            _to_onnx(gm, example, layout, target, tmp / "model.onnx", fuse, result.notes, fdim)
             timings["onnx"] = _since(t0)
             if validate:
                 t0 = time.perf_counter()
                 staged = DecoderExport(out_dir=tmp, path=tmp / "model.onnx", target=target,
-                                       layout=layout, sites=result.sites)
-                _validate(staged, wrapper, layout, ids_pool, result, strict=not approx)
+                                       layout=layout, sites=result.sites, state_features=fdim)
+                _validate(staged, wrapper, layout, ids_pool, result, strict=not approx,
+                          graph=gm if fdim else None)
                 timings["validate"] = _since(t0)
             files = _write_side_files(tmp, model, hf_config, tokenizer, layout, decode_sites,
                                       result, max_length)
@@ -389,29 +430,113 @@ def _lower_sites(program, wrapper, layout: CacheLayout, ids_pool, config, target
             "every layer's attention to read cat(past, new) and a causal/padding mask")
     for d in found:
         d.applied_window, d.applied_sinks = _pattern_for(config, d)
+        d.feature_map = _state_map(config, d)
+    if len({d.feature_map for d in found}) > 1:
+        raise ConfigError(
+            "decode export with Linear needs the same Linear feature map on every attention site "
+            f"(found {sorted({str(d.feature_map) for d in found})}; None = a KV cache): a file "
+            "holds either a recurrent state or a KV cache per layer pair, not a mix")
     ds.rewrite(gm, found, placeholders[1])
+    if found and found[0].feature_map:
+        # The past pairs now hold states [B, Hkv, F, Dv] / [B, Hkv, F, 1], not the captured
+        # [B, Hkv, P, D] caches: the capture's input-shape check would refuse them.
+        gm.validate_inputs = False
     return gm, found
 
 
 def _check_variants(config) -> None:
-    from attnopt.variants import Fused, SlidingWindow, Streaming
+    from attnopt.variants import Fused, Linear, SlidingWindow, Streaming
 
     for where, v in [("variant", config.variant), *config.overrides.items()]:
+        if isinstance(v, Linear):
+            _check_linear(v, config)
+            continue
         if not isinstance(v, (Fused, SlidingWindow, Streaming)):
             name = "None (leave exact)" if v is None else v.describe()
-            raise ConfigError(f"decode export supports Fused(), SlidingWindow(window=W) and "
-                              f"Streaming(sinks=S, window=W); {where} asks for {name}")
+            raise ConfigError(f"decode export supports Fused(), SlidingWindow(window=W), "
+                              f"Streaming(sinks=S, window=W) and Linear(feature_map='elu' | "
+                              f"'relu' | 'taylor'); {where} asks for {name}")
         if isinstance(v, SlidingWindow) and v.causal is False:
             raise ConfigError("SlidingWindow(causal=False) would let a decoder see future "
                               "tokens; use causal=None or True for decode export")
 
 
-def _pattern_for(config, d) -> tuple[int, int]:
-    """``(window, sinks)`` the export applies to a site."""
-    from attnopt.variants import Fused, SlidingWindow, Streaming
+def _check_linear(variant, config) -> None:
+    """Refuse the ``Linear`` settings a decoder state cannot carry (see ``_linear_state``)."""
+    from attnopt.export._linear_state import STATE_MAPS
+
+    why = None
+    if variant.feature_map == "performer":
+        why = ("performer normalises the keys by a maximum over all keys of the sequence, which "
+               "a causal state cannot know before the keys arrive")
+    elif variant.feature_map == "learned":
+        why = ("learned maps are per-site projections fitted on calibration data, which decode "
+               "export does not carry into the decoder graph")
+    elif config.calibration is not None:
+        why = ("Config(calibration=...) fits per-site projections in front of the map, which "
+               "decode export does not carry into the decoder graph; drop calibration to export "
+               "the unfitted map")
+    if why is not None:
+        raise VariantNotApplicableError(
+            f"decode export of {variant.describe()} keeps a recurrent state per site and "
+            f"supports the fixed maps {', '.join(STATE_MAPS)} without calibration: {why}. Use "
+            "Linear(feature_map='elu'), or export the whole-sequence model with "
+            "attnopt.export_onnx(attnopt.optimize(model, inputs, config), ...)")
+
+
+def _state_map(config, d) -> str | None:
+    """The site's ``Linear`` feature map when it decodes with a recurrent state, else None."""
+    from attnopt.variants import Linear
 
     variant = config.variant_for(user_location(d.site.location))
-    if isinstance(variant, Fused):
+    if not isinstance(variant, Linear):
+        return None
+    if d.window:
+        raise VariantNotApplicableError(
+            f"{variant.describe()} on site {user_location(d.site.location)}, which has a "
+            f"sliding window of {d.window}: linear attention would replace it by global "
+            "attention (the whole-sequence Linear variant refuses such sites too). Use "
+            "SlidingWindow(window=W) or Fused() there")
+    return variant.feature_map
+
+
+def _state_features(sites, layout: CacheLayout) -> int:
+    """F of the files' recurrent states (0: a KV-cache file)."""
+    from attnopt.export._linear_state import state_features
+
+    name = sites[0].feature_map if sites else None
+    return state_features(name, layout.head_dim) if name else 0
+
+
+def _state_report(d, layout: CacheLayout, fdim: int) -> dict[str, Any]:
+    L = layout
+    item = torch.tensor([], dtype=L.dtype).element_size()
+    return {"feature_map": d.feature_map, "S": [L.kv_heads, fdim, L.value_dim],
+            "z": [L.kv_heads, fdim, 1],
+            "bytes_per_sequence": L.kv_heads * fdim * (L.value_dim + 1) * item,
+            "bytes_per_token": 0,
+            "kv_cache_bytes_per_token": L.kv_heads * (L.head_dim + L.value_dim) * item}
+
+
+def _state_example(layout: CacheLayout, fdim: int, batch: int, zero: bool = False
+                   ) -> list[torch.Tensor]:
+    """A flat state ``[S_0, z_0, S_1, z_1, ...]`` (non-negative like real states, or zeros)."""
+    from attnopt.export._linear_state import empty_state
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(layout.layers):
+        for t in empty_state(batch, layout.kv_heads, fdim, layout.value_dim, layout.dtype):
+            out.append(t if zero else torch.rand(t.shape, generator=g, dtype=t.dtype))
+    return out
+
+
+def _pattern_for(config, d) -> tuple[int, int]:
+    """``(window, sinks)`` the export applies to a site."""
+    from attnopt.variants import Fused, Linear, SlidingWindow, Streaming
+
+    variant = config.variant_for(user_location(d.site.location))
+    if isinstance(variant, (Fused, Linear)):
         return d.window, 0
     if isinstance(variant, Streaming):
         if d.window:
@@ -433,7 +558,7 @@ def _streaming_sites(config, sites) -> list[bool]:
 
 
 def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bool,
-             notes: list[str]) -> None:
+             notes: list[str], state_features: int = 0) -> None:
     """Export the rewritten graph, name the contract's inputs/outputs and dims, save."""
     import onnx_ir as ir
 
@@ -442,9 +567,12 @@ def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bo
 
     ids, mask, pos, flat = example
     past_names, present_names = _cache_names(layout.layers)
+    spec = dynamic_spec(flat)
+    if state_features:  # a state has no sequence axis: only the batch is dynamic
+        spec = (*spec[:3], *[{0: torch.export.Dim.AUTO} for _ in flat])
     try:
-        program = torch.export.export(gm, (ids, mask, pos, *flat),
-                                      dynamic_shapes=dynamic_spec(flat), strict=False)
+        program = torch.export.export(gm, (ids, mask, pos, *flat), dynamic_shapes=spec,
+                                      strict=False)
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
             custom_translation_table=translation_table(target),
@@ -454,7 +582,7 @@ def _to_onnx(gm, example, layout: CacheLayout, target: str, path: Path, fuse: bo
         raise ExportError(f"torch.onnx.export failed for the decoder (target {target!r}): "
                           f"{_summarize_exporter_error(e)}") from e
     model = onnx_program.model
-    _name_dims(model, layout)
+    _name_dims(model, layout, state_features)
     if fuse:
         model, counts = _standard_fusions(model, target)
         if counts:
@@ -470,7 +598,7 @@ def _cache_names(layers: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
-def _name_dims(model, layout: CacheLayout) -> None:
+def _name_dims(model, layout: CacheLayout, state_features: int = 0) -> None:
     """Give the contract's dims their names (the exporter calls them s0, s1, ...)."""
     import onnx_ir as ir
 
@@ -485,14 +613,22 @@ def _name_dims(model, layout: CacheLayout) -> None:
                                                       "past_sequence_length", d]
             shapes[f"present.{i}.{kind}"] = ["batch_size", L.kv_heads,
                                              "total_sequence_length", d]
+            if state_features:  # S [B, Hkv, F, Dv] (key) and z [B, Hkv, F, 1] (value)
+                dim = L.value_dim if kind == "key" else 1
+                for name in (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"):
+                    shapes[name] = ["batch_size", L.kv_heads, state_features, dim]
     for v in [*model.graph.inputs, *model.graph.outputs]:
         if v.name in shapes:
             v.shape = ir.Shape(shapes[v.name])
 
 
 def _validate(staged: DecoderExport, wrapper, layout: CacheLayout, ids_pool, result,
-              *, strict: bool) -> None:
-    """Generate a few steps of a left-padded batch in onnxruntime; compare logits with eager."""
+              *, strict: bool, graph=None) -> None:
+    """Generate a few steps of a left-padded batch in onnxruntime; compare logits with eager.
+
+    With ``graph`` (state files) the logits are also compared, strictly, with that rewritten
+    graph run in torch with its state fed back: the check of the ONNX lowering.
+    """
     g = torch.Generator().manual_seed(2)
     ids = ids_pool.flatten()[torch.randint(0, ids_pool.numel(), (2, 7), generator=g)]
     mask = torch.ones_like(ids)
@@ -507,6 +643,17 @@ def _validate(staged: DecoderExport, wrapper, layout: CacheLayout, ids_pool, res
         ref = _eager_logits(wrapper, layout, ids, mask, torch.from_numpy(gen.sequences))
         err = max(_rel(r, o) for r, o in zip(ref, gen.logits))
         result.parity[mode] = err
+        if graph is not None:
+            ref = _graph_logits(graph, layout, staged.state_features, ids, mask,
+                                torch.from_numpy(gen.sequences))
+            low = max(_rel(r, o) for r, o in zip(ref, gen.logits))
+            result.lowering_error = low
+            if low > result.tolerance:
+                raise ValidationError(
+                    f"onnxruntime logits differ from the rewritten graph in torch (recurrent "
+                    f"state, left-padded batch of 2, {VALIDATION_STEPS} steps): error {low:.2e} "
+                    f"> tolerance {result.tolerance:.0e}", error=low,
+                    tolerance=result.tolerance, where="linear state lowering")
         if strict and err > result.tolerance:
             raise ValidationError(
                 f"onnxruntime logits differ from the eager model ({mode} cache, left-padded "
@@ -525,6 +672,22 @@ def _eager_logits(wrapper, layout: CacheLayout, ids, mask, sequences) -> list[np
             res = wrapper(cur, cur_mask, pos, past)
             out.append(res[0][:, -1].float().numpy())
             past = list(res[1:])
+            cur = sequences[:, s + step: s + step + 1]
+            cur_mask = torch.cat([cur_mask, torch.ones_like(cur)], dim=1)
+    return out
+
+
+def _graph_logits(graph, layout: CacheLayout, fdim: int, ids, mask, sequences
+                  ) -> list[np.ndarray]:
+    """Last-position logits of the rewritten state graph in torch, teacher-forced."""
+    s = ids.shape[1]
+    state = _state_example(layout, fdim, ids.shape[0], zero=True)
+    cur, cur_mask, out = ids, mask, []
+    with torch.no_grad():
+        for step in range(sequences.shape[1] - s):
+            res = graph(cur, cur_mask, position_ids_for(cur_mask, cur.shape[1]), *state)
+            out.append(res[0][:, -1].float().numpy())
+            state = list(res[1:])
             cur = sequences[:, s + step: s + step + 1]
             cur_mask = torch.cat([cur_mask, torch.ones_like(cur)], dim=1)
     return out
@@ -549,7 +712,7 @@ def _special_tokens(model) -> tuple[Any, Any]:
 
 def _write_side_files(tmp: Path, model, hf_config, tokenizer, layout: CacheLayout, sites,
                       result: DecoderExport, max_length: int | None) -> list[str]:
-    """config.json, generation_config.json, tokenizer files, genai_config.json."""
+    """config.json, generation_config.json, tokenizer files, genai_config.json (KV files)."""
     if hf_config is not None:
         hf_config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -560,8 +723,9 @@ def _write_side_files(tmp: Path, model, hf_config, tokenizer, layout: CacheLayou
                 result.notes.append(f"generation_config.json not written: {e}")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    genai = genai_config(model, hf_config, layout, sites, result, max_length)
-    (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4))
+    if not result.state_features:  # genai cannot drive a recurrent state (module doc)
+        genai = genai_config(model, hf_config, layout, sites, result, max_length)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=4))
     return [p.name for p in tmp.iterdir()]
 
 
