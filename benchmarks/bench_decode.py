@@ -10,7 +10,13 @@ and 512 tokens, 128 new tokens, greedy. Three runs per prompt, in one process:
   ``genai_config.json``), to separate the graph from the runner;
 * **genai builder**: ``python -m onnxruntime_genai.models.builder -i <HF dir> -o <dir> -p fp32
   -e cpu`` (``HF_HUB_OFFLINE=1``; the HF directory is the package's weights dequantised to fp32
-  safetensors by ``attnopt.models.load_smollm2``), run by ``onnxruntime_genai``.
+  safetensors by ``attnopt.models.load_smollm2``), run by ``onnxruntime_genai``;
+* **optimum file** (when ``.venv-optimum`` exists, ``scripts/setup_optimum.sh``): ``optimum-cli
+  export onnx --task text-generation-with-past`` on the same HF directory (optimum-onnx pins
+  transformers < 4.58, hence its own environment), run by attnopt's runner with a growing cache
+  (optimum feeds ``present`` back as the next past, the same contract): the same onnxruntime and
+  the same loop as the **attnopt (growing)** row, so the two compare the graphs. Optimum's own
+  ``ORTModelForCausalLM`` loop (HF ``generate`` in Python) is not timed.
 
 Before timing, the greedy tokens of every run are checked to be identical to HF ``generate``'s
 (a run that differs is reported and not timed). Then ``--reps`` interleaved repetitions (the order
@@ -63,6 +69,35 @@ def build_genai(hf_dir: Path, out: Path, cache: Path) -> float:
     return time.perf_counter() - t0
 
 
+OPTIMUM_VENV = Path(__file__).resolve().parents[1] / ".venv-optimum"
+
+
+def build_optimum(hf_dir: Path, out: Path) -> float:
+    """Export with optimum-onnx (in ``.venv-optimum``); return seconds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    subprocess.run([str(OPTIMUM_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model",
+                    str(hf_dir), "--task", "text-generation-with-past", str(out)],
+                   check=True, env=env)
+    return time.perf_counter() - t0
+
+
+class OrtFileRun:
+    """Greedy generation of any file with the decoder contract, by attnopt's runner (growing)."""
+
+    def __init__(self, path: Path, config, threads: int) -> None:
+        from attnopt.export._generate import OrtRunner
+
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.runner = OrtRunner(path, layers=config.num_hidden_layers,
+                                kv_heads=config.num_key_value_heads, head_dim=head_dim,
+                                value_dim=head_dim, shared_ok=False, threads=threads)
+
+    def __call__(self, ids: np.ndarray, new: int):
+        g = self.runner.generate(ids, new, cache="growing", eos_token_id=None)
+        return (g.sequences[0, ids.shape[1]:].tolist(), g.prefill_s, g.decode_tokens_per_s)
+
+
 def set_threads(genai_dir: Path, threads: int, max_length: int) -> None:
     """Same intra-op threads for genai's sessions; shared buffer sized like attnopt's."""
     path = genai_dir / "genai_config.json"
@@ -104,11 +139,12 @@ class GenaiRun:
 class AttnoptRun:
     """Greedy generation with attnopt's onnxruntime runner (shared buffer)."""
 
-    def __init__(self, res, threads: int) -> None:
-        self.res, self.threads = res, threads
+    def __init__(self, res, threads: int, cache: str = "shared") -> None:
+        self.res, self.threads, self.cache = res, threads, cache
 
     def __call__(self, ids: np.ndarray, new: int):
-        g = self.res.generate(ids, new, cache="shared", threads=self.threads, eos_token_id=None)
+        g = self.res.generate(ids, new, cache=self.cache, threads=self.threads,
+                              eos_token_id=None)
         return (g.sequences[0, ids.shape[1]:].tolist(), g.prefill_s, g.decode_tokens_per_s)
 
 
@@ -120,6 +156,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/attnopt-bench-decode")
     ap.add_argument("--out", default=str(RESULTS / "decode"))
+    ap.add_argument("--no-optimum", dest="optimum", action="store_false",
+                    help="skip the optimum-onnx rows")
+    ap.add_argument("--skip-genai-in-attnopt", action="store_true",
+                    help="skip the 'attnopt file in genai' row (a shorter run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -153,6 +193,17 @@ def main() -> None:
     runs = {"attnopt": AttnoptRun(res, args.threads),
             "attnopt file in genai": GenaiRun(res.out_dir),
             "genai builder": GenaiRun(genai_dir)}
+    if args.skip_genai_in_attnopt:
+        del runs["attnopt file in genai"]
+    optimum_dir = work / "optimum"
+    if args.optimum and (OPTIMUM_VENV / "bin" / "optimum-cli").exists():
+        if not (optimum_dir / "model.onnx").exists():
+            info["optimum_export_s"] = round(build_optimum(hf_dir, optimum_dir), 1)
+        runs["attnopt (growing)"] = AttnoptRun(res, args.threads, cache="growing")
+        runs["optimum file"] = OrtFileRun(optimum_dir / "model.onnx", model.config,
+                                          args.threads)
+    else:
+        info["optimum"] = "not run: --no-optimum or no .venv-optimum (scripts/setup_optimum.sh)"
     rows = []
     for n in args.prompts:
         ids = prompt_ids(tok, n)
@@ -213,12 +264,17 @@ def markdown(info: dict) -> str:
             continue
         base = by.get((r["prompt"], "genai builder"), {}).get("tok_s")
         ratio = f"{r['tok_s']['median'] / base['median']:.2f}×" if base else "–"
+        if r["runner"] == "optimum file":  # vs attnopt's file in the same (growing) loop
+            mine = by.get((r["prompt"], "attnopt (growing)"), {}).get("tok_s")
+            ratio += (f"; attnopt (growing) / optimum {mine['median'] / r['tok_s']['median']:.2f}×"
+                      if mine else "")
         p, t = r["prefill_ms"], r["tok_s"]
         lines.append(f"| {r['prompt']} | {r['runner']} | yes | {p['median']:.1f} "
                      f"[{p['min']:.1f}–{p['max']:.1f}] | {t['median']:.1f} "
                      f"[{t['min']:.1f}–{t['max']:.1f}] | {ratio} |")
-    lines += ["", "optimum-onnx is not in the table: it pins transformers < 4.58 (this project "
-              "uses 5.x), so it needs its own virtual environment; not built in this run.", ""]
+    if info.get("optimum"):
+        lines += ["", f"optimum-onnx: {info['optimum']}."]
+    lines.append("")
     return "\n".join(lines)
 
 
