@@ -252,8 +252,9 @@ def _triton_options(sp: argparse.ArgumentParser) -> None:
                          "e.g. --max-batch-size 16")
     sp.add_argument("--instances", type=int, default=1,
                     help="Triton model instances (default 1), e.g. --instances 2")
-    sp.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                    help="Triton instance kind: KIND_CPU or KIND_GPU (default cpu)")
+    sp.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                    help="Triton instance kind: KIND_CPU or KIND_GPU (default gpu with "
+                         "--target tensorrt, else cpu), e.g. --device gpu")
     sp.add_argument("--overwrite", action="store_true", help="replace REPO/<name> if present")
 
 
@@ -470,9 +471,15 @@ def _write_triton(args, res, name: str) -> None:
           f"(backend {args.triton_backend}) and validating its config against Triton's schema")
     m = write_triton_repository(res, args.triton, model_name, backend=args.triton_backend,
                                 max_batch_size=args.max_batch_size, instances=args.instances,
-                                device=args.device, overwrite=args.overwrite)
+                                device=args.device or _triton_device(args),
+                                overwrite=args.overwrite)
     print(f"wrote {m.model_dir}/ (config.pbtxt, 1/); serve it locally with: "
           f"attnopt serve {args.triton}")
+
+
+def _triton_device(args) -> str:
+    """A TensorRT-target file is meant for a GPU: its instances default to KIND_GPU."""
+    return "gpu" if getattr(args, "target", None) == "tensorrt" else "cpu"
 
 
 def _serve(args) -> int:
