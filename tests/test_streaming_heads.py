@@ -3,6 +3,8 @@ rewrite of a tiny GQA decoder, and ONNX parity on both targets."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,8 @@ def test_op_rejects_a_wrong_head_count():
 
 
 @pytest.mark.parametrize("kw", [{"full_fraction": 1.5}, {"full_fraction": True},
-                                {"sinks": -1}, {"window": 0}, {"scope": "layer"}])
+                                {"sinks": -1}, {"window": 0}, {"scope": "layer"},
+                                {"ranking": "gates"}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         attnopt.StreamingHeads(**kw)
@@ -79,6 +82,28 @@ def test_proxy_ranks_a_long_range_head_first():
     assert sh.choose_full(mass.reshape(2, 2).mean(1), 0.25) == (False, True)
     assert sh.choose_full(torch.tensor([0.1, 0.3, 0.2]), 0.0) == (False, False, False)
     assert sh.choose_full(torch.tensor([0.1, 0.3, 0.2, 0.0]), 0.5) == (False, True, True, False)
+
+
+def test_output_ranking_keeps_the_head_streaming_gets_wrong():
+    # same heads as above, with values: kv head 1 reads a far key whose value differs from the
+    # rest, so streaming changes its output; kv head 0 reads its recent keys, which streaming keeps
+    n, d = 96, 8
+    k = torch.zeros(1, 2, n, d)
+    q = torch.zeros(1, 4, n, d)
+    k[0, :, :, 0] = torch.arange(n).float() / n
+    k[0, 1, 20, 1] = 1.0
+    q[0, 2:, :, 1] = 30.0
+    q[0, :2, :, 0] = 40.0
+    v = torch.randn(1, 2, n, d, generator=torch.Generator().manual_seed(0))
+    out = torch.ops.attnopt.attention(q, k, v, None, True, 1.0)
+    err, norm = sh.streaming_error(q, k, v, None, out, 1.0, sinks=2, window=8)
+    rel = err / norm
+    assert rel[2:].min() > 10 * rel[:2].max()
+    smp = [{"q": q, "k": k, "v": v, "mask": None, "causal": True, "scale": 1.0, "out": out}]
+    cfg = attnopt.StreamingHeads(sinks=2, window=8, full_fraction=0.5, ranking="output")
+    plan = sh.StreamingHeadsImpl().fit(cfg, SimpleNamespace(kv_heads=2), smp)  # fit reads kv_heads
+    assert plan.full == (False, True) and plan.ranking == "output"
+    assert "relative error of streaming" in plan.describe(2)
 
 
 def _fast(seq=40, **kw):

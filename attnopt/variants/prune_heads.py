@@ -161,18 +161,6 @@ def reference_prune_heads(q, k, v, attn_mask, keep_flags: torch.Tensor, fill: to
 # -- calibration -----------------------------------------------------------------------------------
 
 
-def _valid_rows(mask: torch.Tensor | None, b: int, lq: int, lk: int) -> torch.Tensor:
-    """``[B, 1, Lq, 1]`` float64 weights: 0 for padding query rows of self attention."""
-    rows = torch.ones(b, 1, lq, 1, dtype=torch.float64)
-    if mask is None or lq != lk:
-        return rows
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    keys = allowed.any(1).any(1).expand(b, lk).cpu()       # keys some query attends to
-    return keys[:, None, :, None].double()
-
-
 def head_importance(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Per query head ``E ||o_h - mean(o_h)||²`` ``[H]``, the output energy ``Σ_h E ||o_h||²``
     and the mean outputs ``[H, Dv]``, over the valid rows of ``samples``' exact outputs.
@@ -183,7 +171,8 @@ def head_importance(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, float,
     square = torch.zeros(h, dtype=torch.float64)
     for s in samples:
         out = s["out"].double().cpu()
-        rows = _valid_rows(s.get("mask"), out.shape[0], out.shape[2], s["k"].shape[2])
+        rows = _sparse.valid_query_rows(s.get("mask"), out.shape[0], out.shape[2],
+                                        s["k"].shape[2])
         count += float(rows.sum())
         total += (out * rows).sum((0, 2))
         square += ((out ** 2) * rows).sum((0, 2, 3))

@@ -8,11 +8,21 @@ rounded to the nearest count (at least one full kv head when ``full_fraction > 0
 3 kv heads with 0.25 give one full kv head (1/3 of the heads). The report gives the exact
 fraction and the full heads per site.
 
-Calibration (``fit``, the cheap proxy of DuoAttention): per kv head, the attention probability
-mass that exact causal attention puts *outside* sinks + window on the calibration samples,
-averaged over its query heads and all valid queries. The ``round(full_fraction · Hkv)`` kv heads
-with the most mass keep full attention. Computed one query block at a time (never the N×N
-scores of all heads at once). DuoAttention's gate optimisation is not implemented.
+Calibration (``fit``), two rankings of the kv heads; the ``round(full_fraction · Hkv)`` kv heads
+ranked highest keep full attention:
+  * ``ranking="mass"`` (the cheap proxy of DuoAttention): the attention probability mass that
+    exact causal attention puts *outside* sinks + window on the calibration samples, averaged
+    over its query heads and all valid queries. Computed one query block at a time (never the
+    N×N scores of all heads at once).
+  * ``ranking="output"`` (DuoAttention's gate objective, solved per layer): DuoAttention mixes
+    each head's outputs as ``α_h O_full + (1 - α_h) O_stream`` and trains the gates ``α`` to
+    match full attention under an L1 penalty. For one layer's attention output that objective,
+    ``Σ_h ||(1 - α_h)(O_stream,h - O_full,h)||² + λ Σ_h α_h``, has the closed form
+    ``α_h = max(0, 1 - λ / (2 E_h))`` with ``E_h`` the squared error of streaming head ``h``: the
+    gates open in the order of ``E_h``, so ranking by the relative error
+    ``E_h / ||O_full,h||²`` on the calibration samples and keeping the top fraction is its
+    solution at a given budget. DuoAttention optimises the gates end to end, through the model
+    (a distillation loss on the last hidden states); that is not implemented.
 
 The op ``torch.ops.attnopt.streaming_heads`` takes the full-head mask as a tensor input (a buffer
 of the rewritten module): full heads run through SDPA (``attnopt.attention``, causal), streaming
@@ -47,6 +57,9 @@ if TYPE_CHECKING:
 #: where ``full_fraction`` is counted: per site, or over every site of the model.
 SCOPES = ("site", "model")
 
+#: how the kv heads are ranked for full attention (see the module docstring).
+RANKINGS = ("mass", "output")
+
 #: bytes of one query block's scores in the calibration proxy.
 PROXY_BYTES = 1 << 25
 
@@ -63,6 +76,9 @@ class StreamingHeads(Variant):
             ``"model"`` (DuoAttention): ``full_fraction`` of all kv heads of all the sites this
             config applies to, ranked together by the proxy, so layers that need full heads get
             more of them and others none.
+        ranking: ``"mass"``: attention mass outside sinks + window (the cheap proxy);
+            ``"output"``: relative error of the streaming output (DuoAttention's gate
+            objective, per layer).
     """
 
     name = "streaming_heads"
@@ -72,6 +88,7 @@ class StreamingHeads(Variant):
     window: int = 256
     full_fraction: float = 0.25
     scope: str = "site"
+    ranking: str = "mass"
 
     def __post_init__(self) -> None:
         if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
@@ -83,6 +100,8 @@ class StreamingHeads(Variant):
             raise ConfigError(f"full_fraction must be a number in [0, 1] (e.g. 0.25), got {f!r}")
         if self.scope not in SCOPES:
             raise ConfigError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.ranking not in RANKINGS:
+            raise ConfigError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
 
 
 @dataclass(frozen=True)
@@ -90,15 +109,18 @@ class HeadPlan:
     """The fitted state of a site: which kv heads are full, and the proxy score of each."""
 
     full: tuple[bool, ...]       # per kv head
-    mass: tuple[float, ...]      # per kv head: attention mass outside sinks + window
+    mass: tuple[float, ...]      # per kv head: the ranking score (higher: keep full)
+    ranking: str = "mass"        # what ``mass`` holds (``RANKINGS``)
 
     def describe(self, group: int) -> str:
-        """E.g. ``full heads [0, 1, 2] (kv 0); mass outside [0.31, 0.02, 0.05]``."""
+        """E.g. ``full heads [0, 1, 2] (kv 0); mass outside sinks+window [0.31, 0.02, 0.05]``."""
         heads = [h for kv, f in enumerate(self.full) if f for h in range(kv * group,
                                                                            (kv + 1) * group)]
         kv = [i for i, f in enumerate(self.full) if f]
         mass = ", ".join(f"{m:.3f}" for m in self.mass)
-        return f"full heads {heads} (kv {kv}); mass outside sinks+window [{mass}]"
+        what = ("mass outside sinks+window" if self.ranking == "mass"
+                else "relative error of streaming")
+        return f"full heads {heads} (kv {kv}); {what} [{mass}]"
 
 
 # -- the op ----------------------------------------------------------------------------------------
@@ -224,6 +246,20 @@ def outside_mass(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, sc
     return (total / (b * lq)).float()
 
 
+def streaming_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, out: torch.Tensor, scale: float, sinks: int,
+                    window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head, the squared error of the streaming output against the exact ``out`` and
+    the squared norm of ``out``, summed over valid query rows: two ``[H]`` float64 tensors.
+    """
+    with torch.no_grad():
+        approx = streaming(q, k, v, mask, sinks, window, scale).double().cpu()
+    exact = out.double().cpu()
+    rows = _sparse.valid_query_rows(mask, q.shape[0], q.shape[2], k.shape[2])
+    err = (((approx - exact) ** 2) * rows).sum((0, 2, 3))
+    return err, ((exact ** 2) * rows).sum((0, 2, 3))
+
+
 def choose_full(mass_kv: torch.Tensor, full_fraction: float) -> tuple[bool, ...]:
     """The ``round(full_fraction · Hkv)`` kv heads with the most mass (at least one if > 0)."""
     hkv = mass_kv.shape[0]
@@ -256,18 +292,24 @@ class StreamingHeadsImpl:
 
     def fit(self, config: StreamingHeads, site: AttentionSite, samples: list[dict[str, Any]]
             ) -> HeadPlan:
-        """Rank kv heads by attention mass outside sinks + window on ``samples`` (the proxy)."""
+        """Rank kv heads on ``samples`` by ``config.ranking`` (see the module docstring)."""
         hkv = site.kv_heads
         mass = torch.zeros(hkv)
-        for smp in samples:
-            with torch.no_grad():
-                per_head = outside_mass(smp["q"], smp["k"], smp.get("mask"), float(smp["scale"]),
-                                        config.sinks, config.window)
-            mass += per_head.reshape(hkv, -1).mean(1) / len(samples)
-        if not samples:
-            mass = torch.zeros(hkv)
+        if config.ranking == "output" and samples:
+            err = norm = 0.0
+            for smp in samples:
+                e, n = streaming_error(smp["q"], smp["k"], smp["v"], smp.get("mask"), smp["out"],
+                                       float(smp["scale"]), config.sinks, config.window)
+                err, norm = err + e, norm + n
+            mass = (err / norm.clamp_min(1e-30)).float().reshape(hkv, -1).mean(1)
+        else:
+            for smp in samples:
+                with torch.no_grad():
+                    per_head = outside_mass(smp["q"], smp["k"], smp.get("mask"),
+                                            float(smp["scale"]), config.sinks, config.window)
+                mass += per_head.reshape(hkv, -1).mean(1) / len(samples)
         return HeadPlan(full=choose_full(mass, config.full_fraction),
-                        mass=tuple(float(x) for x in mass))
+                        mass=tuple(float(x) for x in mass), ranking=config.ranking)
 
     def fit_jointly(self, config: StreamingHeads, states: dict[int, HeadPlan]
                     ) -> dict[int, HeadPlan]:
@@ -280,7 +322,7 @@ class StreamingHeadsImpl:
         mass = torch.tensor([states[i].mass[h] for i, h in keys])
         chosen = dict(zip(keys, choose_full(mass, config.full_fraction)))
         return {index: HeadPlan(full=tuple(chosen[index, h] for h in range(len(plan.mass))),
-                                mass=plan.mass)
+                                mass=plan.mass, ranking=plan.ranking)
                 for index, plan in states.items()}
 
     def emit(self, config: StreamingHeads, graph: Graph, ops: SiteOperands,
