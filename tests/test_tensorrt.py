@@ -297,6 +297,35 @@ def test_bfloat16_export_is_checked_structurally(tmp_path):
     assert "not run in onnxruntime" in meta["attnopt.tensorrt.shape_ranges_verified"]
 
 
+class _PaddedQueries(torch.nn.Module):
+    """DeBERTa-v2's mask: ``finfo.min`` wherever the query *or* the key is padding, so a padded
+    query's row has every score at the float minimum (SDPA averages the values there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        pair = keep[:, None, :, None] * keep[:, None, None, :]
+        mask = (1.0 - pair) * torch.finfo(x.dtype).min
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("version", ["11.4", "10.13"])
+def test_rows_masked_at_the_float_minimum_match_torch(version, tmp_path):
+    """ONNX Runtime's Attention returned 0 on such rows before the mask got a finite floor."""
+    torch.manual_seed(0)
+    keep = torch.ones(2, 12)
+    keep[1, 8:] = 0
+    res = attnopt.export_onnx(_PaddedQueries().eval(), (torch.randn(2, 12, 32), keep),
+                              tmp_path / "m.onnx", target="tensorrt", tensorrt_version=version)
+    model = _assert_tensorrt_ready(res, version)
+    assert _attention_ops(model) == ["Attention" if version == "11.4" else "Softmax"]
+    assert res.report.max_error <= 1e-4
+
+
 def test_export_arguments_are_validated(tmp_path):
     model, inputs = _case("mul_scale").build().eval(), _case("mul_scale").inputs()
     with pytest.raises(attnopt.ConfigError, match="apply to target='tensorrt' only"):

@@ -23,6 +23,9 @@ from collections.abc import Callable
 
 import torch
 
+# Half of float16's lowest finite value (-65504): see ``_floor``.
+_FP16_FLOOR = -32752.0
+
 
 def attention_op(q, k, v, attn_mask, is_causal: bool, scale: float):
     """One ``Attention`` node (opset 23), one output."""
@@ -36,7 +39,7 @@ def attention_op(q, k, v, attn_mask, is_causal: bool, scale: float):
         expand = ox.needs_query_expand(attn_mask)
         attn_mask = ox.to_rank4(attn_mask)
         if not ox.is_bool(attn_mask):  # an additive mask in q's dtype, as the torch op casts it
-            attn_mask = op.CastLike(attn_mask, q)
+            attn_mask = _floor(op.CastLike(attn_mask, q), q)
         if is_causal:
             attn_mask = _fold_causal(attn_mask, q, k)
             is_causal = False
@@ -65,7 +68,10 @@ def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float):
     scores = op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2]))
     bias = None
     if attn_mask is not None:
-        bias = ox.to_rank4(ox.additive(attn_mask, scores), ox.rank(attn_mask))
+        bias = ox.additive(attn_mask, scores)
+        if not ox.is_bool(attn_mask):
+            bias = _floor(bias, q)
+        bias = ox.to_rank4(bias, ox.rank(attn_mask))
     if is_causal:
         if bias is None:
             bias = op.CastLike(op.Constant(value_float=0.0), scores)
@@ -85,6 +91,28 @@ def table(version: str) -> dict[object, Callable]:
     out[torch.ops.attnopt.attention.default] = (
         attention_op if has_attention_op(version) else attention_decomposed)
     return out
+
+
+def _floor(mask, q):
+    """An additive float ``mask`` (in q's dtype) raised to a finite floor: ``Max(mask, floor)``.
+
+    HF models fill hidden positions with ``finfo.min`` (DeBERTa-v2 adds a position bias on top),
+    so a padded query's row can have every score at the dtype's lowest value. SDPA averages
+    such a row; ONNX Runtime's ``Attention`` returns 0 for it, and in fp16 ``finfo.min`` plus a
+    negative score overflows to ``-inf`` (a row of ``-inf`` is NaN after Softmax). Raised to the
+    floor, the row stays fully masked and finite, and every runtime averages it; rows with a
+    visible key are unchanged, as ``exp(floor - max)`` is 0. The floor is ``-1e30`` (the "onnx"
+    target's, ``attnopt.variants.fused.attention_onnx``) where the dtype holds it (fp32, bf16);
+    fp16 cannot (``-1e30`` casts to ``-inf``), so there it is half the lowest finite fp16
+    value, ``-32752``: exactly representable, with headroom for scores up to ``32752`` in
+    magnitude before the sum overflows. A dtype not known while lowering gets the fp16 floor,
+    which is finite in every float dtype.
+    """
+    from onnxscript import ir
+    from onnxscript import opset23 as op
+
+    low = -1e30 if q.dtype in (ir.DataType.FLOAT, ir.DataType.BFLOAT16) else _FP16_FLOOR
+    return op.Max(mask, op.CastLike(op.Constant(value_float=low), mask))
 
 
 def _fold_causal(mask, q, k):
