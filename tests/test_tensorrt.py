@@ -297,6 +297,29 @@ def test_bfloat16_export_is_checked_structurally(tmp_path):
     assert "not run in onnxruntime" in meta["attnopt.tensorrt.shape_ranges_verified"]
 
 
+@pytest.mark.parametrize("version", ["11.4", "10.13"])
+@pytest.mark.parametrize("arch, variant", [
+    ("bert", attnopt.GroupKV(groups=2)),
+    ("llama", attnopt.StreamingHeads(sinks=2, window=4, full_fraction=0.5)),
+    ("bert", attnopt.PruneHeads(fraction=0.5)),
+], ids=["GroupKV", "StreamingHeads", "PruneHeads"])
+def test_head_variants_use_the_versions_exact_lowering(arch, variant, version, tmp_path):
+    """Their exact attention is this version's form: an Attention node from 10.14, the
+    decomposed pattern before (the "onnx" lowering's Attention-23 cannot be converted to the
+    opset-20 file)."""
+    built = tiny(arch, batch=2, seq=16)
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx", target="tensorrt",
+                              tensorrt_version=version, config=attnopt.Config(variant=variant))
+    model = _assert_tensorrt_ready(res, version)
+    name = type(variant).__name__
+    assert [s.variant.split("(")[0] for s in res.report.sites] == [name] * built.expected_sites
+    ops = {n.op_type for n in model.graph.node}
+    assert ("Attention" in ops) == (version == "11.4")
+    if version != "11.4":
+        assert model.opset_import[0].version == 20
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
 class _PaddedQueries(torch.nn.Module):
     """DeBERTa-v2's mask: ``finfo.min`` wherever the query *or* the key is padding, so a padded
     query's row has every score at the float minimum (SDPA averages the values there)."""

@@ -83,13 +83,17 @@ def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float):
 
 def table(version: str) -> dict[object, Callable]:
     """The translation table of the tensorrt target for TensorRT ``version``."""
-    from attnopt.export._registry import translation_table
+    from attnopt.export._registry import translation_table, translations_on_exact
     from attnopt.tensorrt._matrix import has_attention_op
 
+    exact = attention_op if has_attention_op(version) else attention_decomposed
     out = dict(translation_table("onnx"))
     out.update(translation_table("tensorrt"))
-    out[torch.ops.attnopt.attention.default] = (
-        attention_op if has_attention_op(version) else attention_decomposed)
+    # ops that run exact attention inside (group_kv, streaming_heads, prune_heads) get this
+    # version's form of it: their "onnx" lowerings write opset-23 Attention, which a pre-10.14
+    # file cannot hold (the opset conversion has no older Attention to convert it to)
+    out.update(translations_on_exact(exact))
+    out[torch.ops.attnopt.attention.default] = exact
     return out
 
 
