@@ -320,6 +320,31 @@ def test_head_variants_use_the_versions_exact_lowering(arch, variant, version, t
     assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
 
 
+@pytest.mark.parametrize("name, version", [
+    ("tiny:gemma2", "11.4"), ("soft_capping", "11.4"), ("soft_capping", "10.13")])
+def test_soft_capped_sites_are_decomposed_with_the_cap(name, version, tmp_path):
+    """IAttention has no cap: MatMul -> Div -> Tanh -> Mul -> Add(mask) -> Softmax -> MatMul
+    on every version, never an Attention node with a softcap attribute."""
+    if name.startswith("tiny:"):
+        built = tiny(name[5:], batch=2, seq=16)
+        model, inputs, sites = built.model, built.inputs, built.expected_sites
+    else:
+        case = _case(name)
+        model, inputs, sites = case.build().eval(), case.inputs(), case.sites
+    res = attnopt.export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt",
+                              tensorrt_version=version)
+    onnx_model = _assert_tensorrt_ready(res, version)
+    assert _attention_ops(onnx_model) == ["Softmax"] * sites
+    producer = {o: n for n in onnx_model.graph.node for o in n.output}
+    for softmax in (n for n in onnx_model.graph.node if n.op_type == "Softmax"):
+        chain, node = [], softmax  # back: Softmax <- Add(mask)? <- Mul <- Tanh <- Div <- MatMul
+        while node.op_type != "MatMul" and len(chain) < 6:
+            node = producer[node.input[0]]
+            chain.append(node.op_type)
+        assert [t for t in chain if t != "Add"] == ["Mul", "Tanh", "Div", "MatMul"], chain
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
 class _PaddedQueries(torch.nn.Module):
     """DeBERTa-v2's mask: ``finfo.min`` wherever the query *or* the key is padding, so a padded
     query's row has every score at the float minimum (SDPA averages the values there)."""

@@ -9,6 +9,8 @@ Two forms, chosen by the TensorRT version the file is for:
   * older TensorRT: the pattern TensorRT's attention fusion (Myelin) matches:
     ``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)``, the scale folded into Q
     before the first MatMul, K / V heads repeated for GQA.
+Soft-capped sites (``attnopt.softcap_attention``) take the decomposed form on every version, the
+cap (``Div → Tanh → Mul``) between the first MatMul and the mask: IAttention has no cap.
 Attention on 3-D code (heads folded into the batch: q ``[1, B·H, L, D]``, ``B·H`` dynamic) runs
 as ``B·H`` sequences of one head, so the head count TensorRT sees is static.
 
@@ -48,15 +50,23 @@ def attention_op(q, k, v, attn_mask, is_causal: bool, scale: float):
     return op.Attention(q, k, v, attn_mask, is_causal=int(is_causal), scale=float(scale))[0]
 
 
-def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float):
-    """``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)`` (Myelin's MHA pattern)."""
+def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float,
+                         softcap: float = 0.0):
+    """``MatMul(q·scale, kᵀ) → Add(mask) → Softmax → MatMul(·, v)`` (Myelin's MHA pattern).
+
+    ``softcap`` > 0 caps the logits before the mask, ``c·tanh(s / c)`` as
+    ``Div(c) → Tanh → Mul(c)`` after the first MatMul: IAttention has no cap (the parser
+    rejects ``Attention``'s ``softcap`` attribute), so capped sites take this form on every
+    TensorRT version.
+    """
     from onnxscript import opset23 as op
 
     from attnopt.errors import ExportError
     from attnopt.export import _onnx_ops as ox
 
     if _heads_in_batch(q, k, v, attn_mask):
-        return _per_sequence(attention_decomposed, q, k, v, attn_mask, is_causal, scale)
+        return _per_sequence(attention_decomposed, q, k, v, attn_mask, is_causal, scale,
+                             softcap=softcap)
     heads, kv_heads = ox.static_dim(q, 1), ox.static_dim(k, 1)
     if heads is None or kv_heads is None:
         raise ExportError("the decomposed TensorRT attention needs static head counts; got q "
@@ -66,6 +76,9 @@ def attention_decomposed(q, k, v, attn_mask, is_causal: bool, scale: float):
         v = ox.repeat_heads(v, heads // kv_heads)
     qs = op.Mul(q, op.CastLike(op.Constant(value_float=float(scale)), q))
     scores = op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2]))
+    if softcap:
+        cap = op.CastLike(op.Constant(value_float=float(softcap)), scores)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     bias = None
     if attn_mask is not None:
         bias = ox.additive(attn_mask, scores)
@@ -141,7 +154,7 @@ def _heads_in_batch(q, k, v, attn_mask) -> bool:
     return ox.static_dim(q, 1) is None and ox.heads_in_batch(q, k, v, attn_mask)
 
 
-def _per_sequence(fn, q, k, v, attn_mask, is_causal: bool, scale: float):
+def _per_sequence(fn, q, k, v, attn_mask, is_causal: bool, scale: float, **kwargs):
     """``fn`` on ``[1, B·H, L, D]`` operands as ``B·H`` sequences of one head each."""
     from onnxscript import opset23 as op
 
@@ -152,4 +165,4 @@ def _per_sequence(fn, q, k, v, attn_mask, is_causal: bool, scale: float):
 
     if attn_mask is not None:
         attn_mask = swap(ox.to_rank4(attn_mask))
-    return swap(fn(swap(q), swap(k), swap(v), attn_mask, is_causal, scale))
+    return swap(fn(swap(q), swap(k), swap(v), attn_mask, is_causal, scale, **kwargs))
