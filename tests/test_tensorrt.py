@@ -345,6 +345,32 @@ def test_soft_capped_sites_are_decomposed_with_the_cap(name, version, tmp_path):
     assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
 
 
+@pytest.mark.parametrize("name, op_type", [("tiny:opt", "CumSum"),
+                                           ("t5_relative_bias", "Clip")])
+def test_integer_cumsum_and_clip_are_computed_in_float(name, op_type, tmp_path):
+    """Position ids (cumsum of the mask) and bucketed relative positions (clamp) are INT64 in
+    the model; the matrix has CumSum / Clip on floating types only: Cast -> op -> Cast."""
+    if name.startswith("tiny:"):
+        built = tiny(name[5:], batch=2, seq=16)
+        model, inputs = built.model, built.inputs
+    else:
+        case = _case(name)
+        model, inputs = case.build().eval(), case.inputs()
+    res = attnopt.export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt")
+    onnx_model = _assert_tensorrt_ready(res)
+    producer = {o: n for n in onnx_model.graph.node for o in n.output}
+    consumer = {i: n for n in onnx_model.graph.node for i in n.input}
+    nodes = [n for n in onnx_model.graph.node if n.op_type == op_type]
+    assert nodes
+    for node in nodes:
+        cast_in = producer[node.input[0]]
+        assert cast_in.op_type == "Cast" and cast_in.attribute[0].i == TensorProto.FLOAT
+        cast_out = consumer[node.output[0]]
+        assert cast_out.op_type == "Cast" and cast_out.attribute[0].i == TensorProto.INT64
+    assert any(n.startswith(f"{op_type} ") and "computed in FP32" in n for n in res.report.notes)
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
 class _PaddedQueries(torch.nn.Module):
     """DeBERTa-v2's mask: ``finfo.min`` wherever the query *or* the key is padding, so a padded
     query's row has every score at the float minimum (SDPA averages the values there)."""
