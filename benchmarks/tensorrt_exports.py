@@ -6,9 +6,11 @@ and the onnxruntime (CPU) vs torch parity the export validated (relative to the 
 scale, max over the example inputs and inputs of another batch size and length). No engine is
 built here (no GPU); the rows say what a TensorRT build would be given.
 
-Writes benchmarks/results/tensorrt_exports.{json,md}.
+Writes benchmarks/results/tensorrt_exports.{json,md}; ``--only`` re-runs a few rows (fp32,
+TensorRT 11.4) into tensorrt_exports_only.{json,md} and leaves the survey's files alone.
 
     .venv/bin/python benchmarks/tensorrt_exports.py [--quick]
+    .venv/bin/python benchmarks/tensorrt_exports.py --only tiny:opt zoo:t5_relative_bias
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ def export_row(label: str, model, inputs, *, version: str = "11.4", precision=No
     return row
 
 
+def only_jobs(specs: list[str]):
+    """One fp32 / 11.4 row per ``tiny:<arch>`` or ``zoo:<case>`` spec."""
+    from zoo import CASES
+
+    for spec in specs:
+        if spec.startswith("zoo:"):
+            case = next(c for c in CASES if c.name == spec[4:])
+            yield lambda case=case: _zoo_row(case)
+        else:
+            yield lambda s=spec: export_row(s, *_built(s))
+
+
+def _zoo_row(case) -> dict:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    if case.extra.get("dtype") is not None:
+        model = model.to(case.extra["dtype"])
+    return export_row(f"zoo:{case.name}", model, case.inputs())
+
+
 def jobs(quick: bool):
     """Variants, every tiny model (fp32, fp16, pre-10.14 form), the sdpa twins, then the zoo."""
     from zoo import CASES
@@ -78,13 +100,7 @@ def jobs(quick: bool):
     for arch in archs:
         yield lambda s=f"tiny:{arch}-sdpa": export_row(s, *_built(s))
     for case in ([] if quick else CASES):
-        def zoo(case=case):
-            torch.manual_seed(0)
-            model = case.build().eval()
-            if case.extra.get("dtype") is not None:
-                model = model.to(case.extra["dtype"])
-            return export_row(f"zoo:{case.name}", model, case.inputs())
-        yield zoo
+        yield lambda case=case: _zoo_row(case)
 
 
 def _built(spec: str):
@@ -92,7 +108,7 @@ def _built(spec: str):
     return b.model, b.inputs
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], command: str = "benchmarks/tensorrt_exports.py") -> str:
     def cell(r: dict) -> str:
         if not r["ok"]:
             return "failed: " + " ".join(r["error"].split())[:220].replace("|", "/")
@@ -101,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
         return (f"{ops} | {'pass' if r['check'] else 'FAIL'} | opset {r['opset']} | {err} | "
                 f"{r['seconds']}")
 
-    lines = ["# TensorRT-target exports (`benchmarks/tensorrt_exports.py`)", "",
+    lines = [f"# TensorRT-target exports (`{command}`)", "",
              "Every row: `export_onnx(..., target=\"tensorrt\")`; attention ops in the file; "
              "the GPU-free TensorRT compatibility check for that version; ONNX opset; "
              "onnxruntime (CPU) vs torch parity (max over the example inputs and inputs of "
@@ -119,16 +135,20 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="three models, no zoo")
+    p.add_argument("--only", nargs="+", metavar="SPEC",
+                   help="just these rows, fp32 at 11.4 (tiny:<arch> or zoo:<case>)")
     args = p.parse_args()
     rows = []
     RESULTS.mkdir(exist_ok=True)
-    name = "tensorrt_exports" + ("_quick" if args.quick else "")
-    for job in jobs(args.quick):
+    name = "tensorrt_exports" + ("_only" if args.only else "_quick" if args.quick else "")
+    command = "benchmarks/tensorrt_exports.py" + (
+        " --only " + " ".join(args.only) if args.only else " --quick" if args.quick else "")
+    for job in (only_jobs(args.only) if args.only else jobs(args.quick)):
         rows.append(job())
         print(json.dumps(rows[-1]), flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))  # partial runs count
-        (RESULTS / f"{name}.md").write_text(markdown(rows))
-    print(markdown(rows))
+        (RESULTS / f"{name}.md").write_text(markdown(rows, command))
+    print(markdown(rows, command))
 
 
 if __name__ == "__main__":

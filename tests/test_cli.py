@@ -146,6 +146,19 @@ def test_export_to_a_file_name_writes_hf_files_beside_it(capfd, in_dir):
         (in_dir / "bert.onnx").read_bytes()
 
 
+def test_export_for_tensorrt_writes_the_file_and_its_build_commands(capfd, in_dir):
+    from attnopt.tensorrt import check
+
+    code, out, err = _run(capfd, "export", "tiny:bert", "--target", "tensorrt", "-o", "out")
+    assert code == 0, err
+    path = in_dir / "out" / "bert.tensorrt.onnx"
+    assert path.is_file() and "wrote out/bert.tensorrt.onnx" in out
+    assert check(path, "11.4").ok
+    text = (in_dir / "out" / "bert.tensorrt.trt.txt").read_text()
+    assert f"trtexec --onnx={path.name}" in text and "--stronglyTyped" in text
+    assert "polygraphy run" in text and "--trt --onnxrt" in text
+
+
 def test_save_option(capsys, in_dir):
     import attnopt
 

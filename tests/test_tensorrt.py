@@ -297,6 +297,109 @@ def test_bfloat16_export_is_checked_structurally(tmp_path):
     assert "not run in onnxruntime" in meta["attnopt.tensorrt.shape_ranges_verified"]
 
 
+@pytest.mark.parametrize("version", ["11.4", "10.13"])
+@pytest.mark.parametrize("arch, variant", [
+    ("bert", attnopt.GroupKV(groups=2)),
+    ("llama", attnopt.StreamingHeads(sinks=2, window=4, full_fraction=0.5)),
+    ("bert", attnopt.PruneHeads(fraction=0.5)),
+], ids=["GroupKV", "StreamingHeads", "PruneHeads"])
+def test_head_variants_use_the_versions_exact_lowering(arch, variant, version, tmp_path):
+    """Their exact attention is this version's form: an Attention node from 10.14, the
+    decomposed pattern before (the "onnx" lowering's Attention-23 cannot be converted to the
+    opset-20 file)."""
+    built = tiny(arch, batch=2, seq=16)
+    res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx", target="tensorrt",
+                              tensorrt_version=version, config=attnopt.Config(variant=variant))
+    model = _assert_tensorrt_ready(res, version)
+    name = type(variant).__name__
+    assert [s.variant.split("(")[0] for s in res.report.sites] == [name] * built.expected_sites
+    ops = {n.op_type for n in model.graph.node}
+    assert ("Attention" in ops) == (version == "11.4")
+    if version != "11.4":
+        assert model.opset_import[0].version == 20
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
+@pytest.mark.parametrize("name, version", [
+    ("tiny:gemma2", "11.4"), ("soft_capping", "11.4"), ("soft_capping", "10.13")])
+def test_soft_capped_sites_are_decomposed_with_the_cap(name, version, tmp_path):
+    """IAttention has no cap: MatMul -> Div -> Tanh -> Mul -> Add(mask) -> Softmax -> MatMul
+    on every version, never an Attention node with a softcap attribute."""
+    if name.startswith("tiny:"):
+        built = tiny(name[5:], batch=2, seq=16)
+        model, inputs, sites = built.model, built.inputs, built.expected_sites
+    else:
+        case = _case(name)
+        model, inputs, sites = case.build().eval(), case.inputs(), case.sites
+    res = attnopt.export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt",
+                              tensorrt_version=version)
+    onnx_model = _assert_tensorrt_ready(res, version)
+    assert _attention_ops(onnx_model) == ["Softmax"] * sites
+    producer = {o: n for n in onnx_model.graph.node for o in n.output}
+    for softmax in (n for n in onnx_model.graph.node if n.op_type == "Softmax"):
+        chain, node = [], softmax  # back: Softmax <- Add(mask)? <- Mul <- Tanh <- Div <- MatMul
+        while node.op_type != "MatMul" and len(chain) < 6:
+            node = producer[node.input[0]]
+            chain.append(node.op_type)
+        assert [t for t in chain if t != "Add"] == ["Mul", "Tanh", "Div", "MatMul"], chain
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
+@pytest.mark.parametrize("name, op_type", [("tiny:opt", "CumSum"),
+                                           ("t5_relative_bias", "Clip")])
+def test_integer_cumsum_and_clip_are_computed_in_float(name, op_type, tmp_path):
+    """Position ids (cumsum of the mask) and bucketed relative positions (clamp) are INT64 in
+    the model; the matrix has CumSum / Clip on floating types only: Cast -> op -> Cast."""
+    if name.startswith("tiny:"):
+        built = tiny(name[5:], batch=2, seq=16)
+        model, inputs = built.model, built.inputs
+    else:
+        case = _case(name)
+        model, inputs = case.build().eval(), case.inputs()
+    res = attnopt.export_onnx(model, inputs, tmp_path / "m.onnx", target="tensorrt")
+    onnx_model = _assert_tensorrt_ready(res)
+    producer = {o: n for n in onnx_model.graph.node for o in n.output}
+    consumer = {i: n for n in onnx_model.graph.node for i in n.input}
+    nodes = [n for n in onnx_model.graph.node if n.op_type == op_type]
+    assert nodes
+    for node in nodes:
+        cast_in = producer[node.input[0]]
+        assert cast_in.op_type == "Cast" and cast_in.attribute[0].i == TensorProto.FLOAT
+        cast_out = consumer[node.output[0]]
+        assert cast_out.op_type == "Cast" and cast_out.attribute[0].i == TensorProto.INT64
+    assert any(n.startswith(f"{op_type} ") and "computed in FP32" in n for n in res.report.notes)
+    assert len(res.report.parity) == 2 and res.report.max_error <= 1e-4
+
+
+class _PaddedQueries(torch.nn.Module):
+    """DeBERTa-v2's mask: ``finfo.min`` wherever the query *or* the key is padding, so a padded
+    query's row has every score at the float minimum (SDPA averages the values there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, keep):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        pair = keep[:, None, :, None] * keep[:, None, None, :]
+        mask = (1.0 - pair) * torch.finfo(x.dtype).min
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("version", ["11.4", "10.13"])
+def test_rows_masked_at_the_float_minimum_match_torch(version, tmp_path):
+    """ONNX Runtime's Attention returned 0 on such rows before the mask got a finite floor."""
+    torch.manual_seed(0)
+    keep = torch.ones(2, 12)
+    keep[1, 8:] = 0
+    res = attnopt.export_onnx(_PaddedQueries().eval(), (torch.randn(2, 12, 32), keep),
+                              tmp_path / "m.onnx", target="tensorrt", tensorrt_version=version)
+    model = _assert_tensorrt_ready(res, version)
+    assert _attention_ops(model) == ["Attention" if version == "11.4" else "Softmax"]
+    assert res.report.max_error <= 1e-4
+
+
 def test_export_arguments_are_validated(tmp_path):
     model, inputs = _case("mul_scale").build().eval(), _case("mul_scale").inputs()
     with pytest.raises(attnopt.ConfigError, match="apply to target='tensorrt' only"):

@@ -77,6 +77,32 @@ def translation_table(target: str) -> dict[object, Callable]:
     return {op: fn for (op, t), fn in _TRANSLATIONS.items() if t == target}
 
 
+_ON_EXACT: dict[object, Callable[[Callable], Callable]] = {}
+
+
+def translation_on_exact(op: object) -> Callable[[Callable], Callable]:
+    """Register ``make(exact) -> translation`` for custom op ``op``.
+
+    Variants that run exact attention inside (grouped kv heads, streaming heads, pruned heads)
+    lower the same way everywhere except for that attention. A target whose exact lowering is
+    chosen by more than the target's name (``"tensorrt"``: one ``Attention`` node or the
+    decomposed pattern, by TensorRT version) builds their translations from its own
+    (``attnopt.tensorrt._lowerings.table``). ``exact`` has the signature of
+    ``attnopt.variants.fused.attention_onnx``: ``(q, k, v, attn_mask, is_causal, scale)``.
+    """
+
+    def wrap(make: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+        _ON_EXACT[op] = make
+        return make
+
+    return wrap
+
+
+def translations_on_exact(exact: Callable) -> dict[object, Callable]:
+    """Every op registered with :func:`translation_on_exact`, lowered on ``exact``."""
+    return {op: make(exact) for op, make in _ON_EXACT.items()}
+
+
 # name -> (inputs as (name, type var, optional), outputs likewise, attributes as (name, type))
 _CONTRIB_SIGNATURES = {
     "MultiHeadAttention": (

@@ -1,8 +1,9 @@
 """The ``target="tensorrt"`` steps of ``export_onnx``: precision, lowering, file fix-ups, check.
 
     model ──(fp16 / bf16: converted copy)──▶ optimize ──▶ tensorrt translation table ──▶ ONNX
-    ──▶ fix-ups (one-output Attention, no unsupported default attributes, named dynamic dims,
-        recorded shape ranges) ──▶ onnx.checker ──▶ onnxruntime parity ──▶ TensorRT check
+    ──▶ fix-ups (one-output Attention, no unsupported default attributes, integer CumSum / Clip
+        computed in a type the matrix accepts, named dynamic dims, recorded shape ranges)
+    ──▶ onnx.checker ──▶ onnxruntime parity ──▶ TensorRT check
     ──▶ file + ``<name>.trt.txt`` (trtexec and polygraphy commands)
 
 fp16 / bf16 exports carry the precision in the graph (weights and activations converted),
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from attnopt.errors import ConfigError, ExportError
+from attnopt.tensorrt._integer_casts import cast_integer_ops
 from attnopt.tensorrt._matrix import DEFAULT_VERSION, has_attention_op, matrix
 
 log = logging.getLogger("attnopt.export")
@@ -106,6 +108,7 @@ class TensorRTTarget:
 
         model = onnx.load(str(path))
         _fix_attention_nodes(model.graph)
+        self.notes += cast_integer_ops(model, matrix(self.version))
         sets = (fast._captured.input_sets() if dynamic and validated
                 else [fast.example_inputs])
         _name_dims(model.graph, _symbol_sizes(model.graph, sets, input_names))

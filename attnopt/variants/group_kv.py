@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnopt.errors import ConfigError
-from attnopt.export._registry import onnx_translation
+from attnopt.export._registry import onnx_translation, translation_on_exact
 from attnopt.variants import _sparse
 from attnopt.variants._base import SiteOperands, Variant, buffer_node, register
 from attnopt.variants.fused import attention, attention_onnx, attention_ort, reference_attention
@@ -361,6 +361,17 @@ def _lower(q, k, v, attn_mask, wq, wo, bo, groups: int, is_causal: bool, scale: 
     if bo is not None:
         out = op.Add(out, op.CastLike(bo, out))
     return out
+
+
+@translation_on_exact(torch.ops.attnopt.group_kv.default)
+def group_kv_on(exact):
+    """:func:`group_kv_onnx` with ``exact`` for the attention over the pooled heads."""
+
+    def lower(q, k, v, attn_mask, wq, wo, bo, groups: int = 1, is_causal: bool = False,
+              scale: float = 1.0):
+        return _lower(q, k, v, attn_mask, wq, wo, bo, groups, is_causal, scale, exact)
+
+    return lower
 
 
 @onnx_translation(torch.ops.attnopt.group_kv.default, "onnx")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnopt.errors import ConfigError
-from attnopt.export._registry import onnx_translation
+from attnopt.export._registry import onnx_translation, translation_on_exact
 from attnopt.variants import _sparse
 from attnopt.variants._base import SiteOperands, Variant, buffer_node, register
 from attnopt.variants.fused import attention, attention_onnx, attention_ort, reference_attention
@@ -384,6 +384,16 @@ def _lower(q, k, v, attn_mask, keep, fill, is_causal: bool, scale: float, fused)
     base = op.Expand(op.Reshape(op.CastLike(fill, kept), ox.ints(1, heads, 1, dv)), shape)
     index = op.Expand(op.Reshape(keep, ox.ints(1, -1, 1, 1)), op.Shape(kept))
     return op.ScatterElements(base, index, kept, axis=1)
+
+
+@translation_on_exact(torch.ops.attnopt.prune_heads.default)
+def prune_heads_on(exact):
+    """:func:`prune_heads_onnx` with ``exact`` for the kept heads."""
+
+    def lower(q, k, v, attn_mask, keep, fill, is_causal: bool = False, scale: float = 1.0):
+        return _lower(q, k, v, attn_mask, keep, fill, is_causal, scale, exact)
+
+    return lower
 
 
 @onnx_translation(torch.ops.attnopt.prune_heads.default, "onnx")

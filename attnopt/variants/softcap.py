@@ -13,7 +13,8 @@ causal sites skip the future tiles); the online-softmax loop stays the CPU path 
 ONNX lowerings: standard ``Attention`` (opset 23, ``softcap`` attribute; mask and causal bias
 added after the cap by the spec) and ONNX Runtime's ``GroupQueryAttention`` (``softcap``
 attribute) for causal sites; ORT's ``MultiHeadAttention`` has no cap, so non-causal sites use the
-standard op on that target too.
+standard op on that target too. TensorRT's parser rejects the ``softcap`` attribute, so the
+``"tensorrt"`` target writes the decomposed pattern with ``Div → Tanh → Mul`` on the scores.
 """
 
 from __future__ import annotations
@@ -144,6 +145,18 @@ def softcap_attention_onnx(q, k, v, attn_mask, is_causal: bool, scale: float, so
             attn_mask = expand_query_dim(attn_mask, q)
     return op.Attention(q, k, v, attn_mask, is_causal=int(is_causal), scale=float(scale),
                         softcap=float(softcap))[0]
+
+
+@onnx_translation(torch.ops.attnopt.softcap_attention.default, "tensorrt")
+def softcap_attention_tensorrt(q, k, v, attn_mask, is_causal: bool, scale: float,
+                               softcap: float):
+    """TensorRT (every version): the decomposed pattern with the cap between the MatMuls,
+    ``MatMul(q·scale, kᵀ) → Div(c) → Tanh → Mul(c) → Add(mask) → Softmax → MatMul(·, v)``;
+    IAttention has no cap.
+    """
+    from attnopt.tensorrt._lowerings import attention_decomposed
+
+    return attention_decomposed(q, k, v, attn_mask, is_causal, scale, softcap=softcap)
 
 
 @onnx_translation(torch.ops.attnopt.softcap_attention.default, "onnxruntime")

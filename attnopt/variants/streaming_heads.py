@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from attnopt.errors import ConfigError, ExportError
-from attnopt.export._registry import onnx_translation
+from attnopt.export._registry import onnx_translation, translation_on_exact
 from attnopt.variants import _sparse
 from attnopt.variants._base import SiteOperands, Variant, buffer_node, register
 from attnopt.variants.fused import attention, attention_onnx, attention_ort
@@ -416,6 +416,17 @@ def _lower(q, k, v, attn_mask, full, n_full: int, sinks: int, window: int, scale
     order = op.Concat(*[qh for _, qh in parts], axis=0)                      # [H]
     inverse = op.ScatterElements(order, order, ints(np.arange(heads)), axis=0)
     return op.Gather(op.Concat(*[o for o, _ in parts], axis=1), inverse, axis=1)
+
+
+@translation_on_exact(torch.ops.attnopt.streaming_heads.default)
+def streaming_heads_on(exact):
+    """:func:`streaming_heads_onnx` with ``exact`` for the full heads."""
+
+    def lower(q, k, v, attn_mask, full, n_full: int, sinks: int = 4, window: int = 256,
+              scale: float = 1.0):
+        return _lower(q, k, v, attn_mask, full, n_full, sinks, window, scale, exact)
+
+    return lower
 
 
 @onnx_translation(torch.ops.attnopt.streaming_heads.default, "onnx")
