@@ -197,3 +197,21 @@ def test_softcap_flex_on_cuda():
     # the op itself takes the FlexAttention path on CUDA (the CPU loop would be far slower)
     via_op = torch.ops.attnopt.softcap_attention(q, k, v, mask, True, scale, cap)
     assert rel_err(want, via_op) < BF16_TOL and not _flex._warned
+
+
+@pytest.mark.parametrize("variant", [
+    attnopt.StreamingHeads(sinks=4, window=64, full_fraction=0.5),
+    attnopt.StreamingHeads(sinks=4, window=64, full_fraction=0.5, ranking="output"),
+    attnopt.GroupKV(groups=1),
+    attnopt.PruneHeads(fraction=0.5),
+], ids=["streaming_heads", "streaming_heads-output", "group_kv", "prune_heads"])
+def test_head_variants_optimize_and_run_on_cuda(variant):
+    # the head variants run the exact op (SDPA) and, for streaming heads, the FlexAttention
+    # streaming path on CUDA: calibration, rewrite and the model call stay on the device
+    model, inputs = _on_cuda(tiny("llama-eager", batch=1, seq=300))
+    fast = attnopt.optimize(model, inputs, attnopt.Config(variant=variant))
+    assert fast.report.count(REWRITTEN) == len(fast.report.rows) > 0, fast.report.table()
+    _flex._warned.clear()
+    with torch.no_grad():
+        out = fast(**inputs).logits
+    assert out.is_cuda and torch.isfinite(out).all() and not _flex._warned
