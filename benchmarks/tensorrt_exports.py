@@ -41,6 +41,10 @@ VARIANTS = [
     ("neighborhood2d", "tiny:vit", attnopt.Neighborhood2D(kernel=3)),
     ("linear", "tiny:bert", attnopt.Linear(feature_map="elu")),
     ("linear causal", "tiny:gpt2", attnopt.Linear(feature_map="relu")),
+    ("group_kv", "tiny:bert", attnopt.GroupKV(groups=2)),
+    ("streaming_heads", "tiny:llama", attnopt.StreamingHeads(sinks=2, window=8,
+                                                             full_fraction=0.5)),
+    ("prune_heads", "tiny:bert", attnopt.PruneHeads(fraction=0.5)),
 ]
 
 
@@ -80,13 +84,18 @@ def only_jobs(specs: list[str]):
 def _zoo_row(case) -> dict:
     torch.manual_seed(0)
     model = case.build().eval()
-    if case.extra.get("dtype") is not None:
-        model = model.to(case.extra["dtype"])
-    return export_row(f"zoo:{case.name}", model, case.inputs())
+    dtype = case.extra.get("dtype")
+    if dtype is not None:
+        model = model.to(dtype)
+    # bf16: onnxruntime's CPU has no bf16 MatMul, so the file is checked structurally only
+    return export_row(f"zoo:{case.name}", model, case.inputs(),
+                      precision="bf16" if dtype == torch.bfloat16 else None)
 
 
-def jobs(quick: bool):
-    """Variants, every tiny model (fp32, fp16, pre-10.14 form), the sdpa twins, then the zoo."""
+def jobs(quick: bool, fp32_only: bool = False):
+    """Variants, every tiny model (fp32, fp16, pre-10.14 form; ``fp32_only``: fp32 at 11.4
+    only), the sdpa twins, then the zoo.
+    """
     from zoo import CASES
 
     archs = ["bert", "llama", "whisper"] if quick else list(TINY)
@@ -95,6 +104,8 @@ def jobs(quick: bool):
             label, *_built(s), config=attnopt.Config(variant=c))
     for arch in archs:
         yield lambda s=f"tiny:{arch}": export_row(s, *_built(s))
+        if fp32_only:
+            continue
         yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), precision="fp16")
         yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), version="10.13")
     for arch in archs:
@@ -137,13 +148,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="three models, no zoo")
     p.add_argument("--only", nargs="+", metavar="SPEC",
                    help="just these rows, fp32 at 11.4 (tiny:<arch> or zoo:<case>)")
+    p.add_argument("--fp32", action="store_true",
+                   help="every model fp32 at 11.4 only (no fp16, no pre-10.14 rows): ~1/3 of "
+                        "the time; written to tensorrt_exports_fp32.{json,md}")
     args = p.parse_args()
     rows = []
     RESULTS.mkdir(exist_ok=True)
-    name = "tensorrt_exports" + ("_only" if args.only else "_quick" if args.quick else "")
+    name = "tensorrt_exports" + ("_only" if args.only else "_quick" if args.quick else
+                                 "_fp32" if args.fp32 else "")
     command = "benchmarks/tensorrt_exports.py" + (
-        " --only " + " ".join(args.only) if args.only else " --quick" if args.quick else "")
-    for job in (only_jobs(args.only) if args.only else jobs(args.quick)):
+        " --only " + " ".join(args.only) if args.only else " --quick" if args.quick else
+        " --fp32" if args.fp32 else "")
+    for job in (only_jobs(args.only) if args.only else jobs(args.quick, args.fp32)):
         rows.append(job())
         print(json.dumps(rows[-1]), flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))  # partial runs count

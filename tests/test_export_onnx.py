@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import onnx
 import pytest
 import torch
@@ -23,9 +25,13 @@ def _attention_ops(path):
             if n.op_type in {"Attention", *ORT_ATTENTION}]
 
 
-# Swin-v2 takes ~70 s here (window attention at two input sizes) and exercises the same
-# standard-Attention fallback as Swin; benchmarks/model_table.py exports it to both targets.
-@pytest.mark.parametrize("arch", sorted(set(TINY) - {"swinv2"}))
+# Swin (~55 s here) and Swin-v2 (~70 s: window attention at two input sizes) run only with
+# ATTNOPT_ALL_ARCHS=1, to keep the default suite under CI's limit; benchmarks/model_table.py
+# exports both to both targets (the standard-Attention fallback above).
+SLOW_EXPORTS = set() if os.environ.get("ATTNOPT_ALL_ARCHS") == "1" else {"swin", "swinv2"}
+
+
+@pytest.mark.parametrize("arch", sorted(set(TINY) - SLOW_EXPORTS))
 def test_hf_models_export_to_onnxruntime_with_parity(arch, tmp_path):
     built = tiny(arch, batch=2, seq=24)
     res = attnopt.export_onnx(built.model, built.inputs, tmp_path / "m.onnx")
