@@ -28,7 +28,7 @@ import onnx
 import torch
 
 import attnopt
-from attnopt.models import TINY, build
+from attnopt.models import ATTENTION_MODES, TINY, build
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -109,7 +109,8 @@ def jobs(quick: bool, fp32_only: bool = False):
         yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), precision="fp16")
         yield lambda s=f"tiny:{arch}": export_row(s, *_built(s), version="10.13")
     for arch in archs:
-        yield lambda s=f"tiny:{arch}-sdpa": export_row(s, *_built(s))
+        if "sdpa" in ATTENTION_MODES[arch]:
+            yield lambda s=f"tiny:{arch}-sdpa": export_row(s, *_built(s))
     for case in ([] if quick else CASES):
         yield lambda case=case: _zoo_row(case)
 
@@ -151,6 +152,9 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true",
                    help="every model fp32 at 11.4 only (no fp16, no pre-10.14 rows): ~1/3 of "
                         "the time; written to tensorrt_exports_fp32.{json,md}")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an interrupted run of the same mode (its json) and run "
+                        "only the jobs after them (the job order is fixed)")
     args = p.parse_args()
     rows = []
     RESULTS.mkdir(exist_ok=True)
@@ -159,7 +163,11 @@ def main() -> None:
     command = "benchmarks/tensorrt_exports.py" + (
         " --only " + " ".join(args.only) if args.only else " --quick" if args.quick else
         " --fp32" if args.fp32 else "")
-    for job in (only_jobs(args.only) if args.only else jobs(args.quick, args.fp32)):
+    if args.resume and (RESULTS / f"{name}.json").exists():
+        rows = json.loads((RESULTS / f"{name}.json").read_text())
+    for i, job in enumerate(only_jobs(args.only) if args.only else jobs(args.quick, args.fp32)):
+        if i < len(rows):
+            continue
         rows.append(job())
         print(json.dumps(rows[-1]), flush=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))  # partial runs count
