@@ -576,18 +576,23 @@ def common_refusal(site: AttentionSite) -> str | None:
     return None
 
 
+def valid_keys(mask: torch.Tensor | None, b: int, lk: int) -> torch.Tensor:
+    """``[B, Lk]`` bool: keys some query may attend to (all True without a mask)."""
+    if mask is None:
+        return torch.ones(b, lk, dtype=torch.bool)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed.any(1).any(1).expand(b, lk).cpu()
+
+
 def valid_query_rows(mask: torch.Tensor | None, b: int, lq: int, lk: int) -> torch.Tensor:
     """``[B, 1, Lq, 1]`` float64 row weights for calibration statistics: 0 for the padding
     query rows of self attention (positions no query attends to as a key), 1 elsewhere.
     """
-    rows = torch.ones(b, 1, lq, 1, dtype=torch.float64)
     if mask is None or lq != lk:
-        return rows
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    keys = allowed.any(1).any(1).expand(b, lk).cpu()
-    return keys[:, None, :, None].double()
+        return torch.ones(b, 1, lq, 1, dtype=torch.float64)
+    return valid_keys(mask, b, lk)[:, None, :, None].double()
 
 
 def exact_pairs(lq: int, lk: int, causal: bool) -> int:

@@ -178,16 +178,6 @@ def reference_group_kv(q, k, v, attn_mask, wq, wo, bo, groups: int, is_causal: b
 # -- calibration -----------------------------------------------------------------------------------
 
 
-def _valid_keys(mask: torch.Tensor | None, b: int, lk: int) -> torch.Tensor:
-    """``[B, Lk]`` bool: keys some query may attend to (all True without a mask)."""
-    if mask is None:
-        return torch.ones(b, lk, dtype=torch.bool)
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return allowed.any(1).any(1).expand(b, lk).cpu()
-
-
 def _solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """``gram⁻¹ cross`` with a ridge relative to the mean diagonal (batched over the first dim)."""
     n = gram.shape[-1]
@@ -208,7 +198,7 @@ def fit_key_maps(samples: list[dict[str, Any]], groups: int) -> torch.Tensor:
     cross = torch.zeros(hkv, d + 1, d, dtype=torch.float64)
     for s in samples:
         k = s["k"].double().cpu()
-        keep = _valid_keys(s.get("mask"), k.shape[0], k.shape[2])
+        keep = _sparse.valid_keys(s.get("mask"), k.shape[0], k.shape[2])
         pooled = pool_heads(k, groups).repeat_interleave(hkv // groups, 1)   # [B, Hkv, Lk, D]
         x = _with_one(pooled) * keep[:, None, :, None]
         gram += torch.einsum("bhni,bhnj->hij", x, x)
@@ -238,9 +228,7 @@ def _grouped_outputs(samples, groups, wq):
         mask = s.get("mask")
         mask = None if mask is None else mask.cpu()
         o = group_kv(q, k, v, mask, wq, None, None, groups, bool(s["causal"]), float(s["scale"]))
-        rows = torch.ones(q.shape[0], 1, q.shape[2], 1, dtype=torch.float64)
-        if q.shape[2] == k.shape[2] and mask is not None:   # self attention: padding rows out
-            rows = _valid_keys(mask, q.shape[0], k.shape[2])[:, None, :, None].double()
+        rows = _sparse.valid_query_rows(mask, q.shape[0], q.shape[2], k.shape[2])
         yield (o.double(), s["out"].double().cpu(), rows)
 
 
