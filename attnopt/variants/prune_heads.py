@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from attnopt._match.graph import fake
 from attnopt.errors import ConfigError
 from attnopt.export._registry import onnx_translation, translation_on_exact
 from attnopt.variants import _sparse
@@ -362,8 +363,8 @@ class PruneHeadsImpl:
 
 
 def _head_dim(node: Node) -> int | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() < 4:
+    val = fake(node)
+    if val is None or val.dim() < 4:
         return None
     return int(val.shape[1]) if isinstance(val.shape[1], int) else -1
 
