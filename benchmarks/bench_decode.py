@@ -215,7 +215,6 @@ def main() -> None:
         for name, run in runs.items():
             tokens, _, _ = run(ids, args.new)  # also the warm-up
             same[name] = tokens == ref[: len(tokens)] and len(tokens) == args.new
-            first = None
             if not same[name]:
                 first = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), None)
                 differs[name] = first
